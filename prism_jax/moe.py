@@ -32,8 +32,9 @@ class Assignments:
 
 @struct.dataclass
 class MoEInfo:
-  """What one MoE layer did: the parent router's top-k experts and sub-experts run per token."""
+  """What one MoE layer did: parent router probabilities and top-k experts, sub-experts run per token."""
 
+  router_probs_SE: jax.Array
   top_experts_SK: jax.Array
   active_S: jax.Array
 
@@ -46,14 +47,15 @@ class Dispatch:
   tile_rows: int | None = None
 
 
-def route_parent(x_SD: jax.Array, router_DE: jax.Array, top_k: int, normalize: bool) -> tuple[jax.Array, jax.Array]:
-  """Softmax router in float32, then top-k; returns (weights [S, K], experts [S, K])."""
+def route_parent(x_SD: jax.Array, router_DE: jax.Array, top_k: int,
+                 normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Softmax router in float32, then top-k; returns (weights [S, K], experts [S, K], probs [S, E])."""
   logits_SE = jnp.dot(x_SD.astype(jnp.float32), router_DE.astype(jnp.float32))
   probs_SE = jax.nn.softmax(logits_SE, axis=-1)
   weights_SK, experts_SK = jax.lax.top_k(probs_SE, top_k)
   if normalize:
     weights_SK = weights_SK / jnp.sum(weights_SK, axis=-1, keepdims=True)
-  return weights_SK, experts_SK
+  return weights_SK, experts_SK, probs_SE
 
 
 class SubExpertMoE(nnx.Module):
@@ -100,9 +102,9 @@ class SubExpertMoE(nnx.Module):
 
   def _compound_assignments(
       self, x_SD: jax.Array, valid_S: jax.Array, budget: int, budget_S: jax.Array | None
-  ) -> tuple[Assignments, jax.Array]:
+  ) -> tuple[Assignments, jax.Array, jax.Array]:
     n = self.num_sub_experts
-    weights_SK, experts_SK = route_parent(x_SD, self.router[...], self.top_k, self.normalize)
+    weights_SK, experts_SK, probs_SE = route_parent(x_SD, self.router[...], self.top_k, self.normalize)
     pattern = budget_pattern(budget, n, self.top_k)
     counts_SK = None if budget_S is None else row_patterns(budget_S, n, self.top_k)
     needs_rank = n > 1 and (budget_S is not None or any(0 < p < n for p in pattern))
@@ -124,14 +126,14 @@ class SubExpertMoE(nnx.Module):
         weight_A=jnp.stack(weights, axis=1).reshape(-1),
         valid_A=jnp.stack(valids, axis=1).reshape(-1),
     )
-    return assignments, experts_SK
+    return assignments, experts_SK, probs_SE
 
   def _linear_assignments(
       self, x_SD: jax.Array, valid_S: jax.Array, budget: int, budget_S: jax.Array | None
-  ) -> tuple[Assignments, jax.Array]:
+  ) -> tuple[Assignments, jax.Array, jax.Array]:
     """Top-k' over all G sub-experts; softmax over G times N so the full budget matches the parent."""
     n = self.num_sub_experts
-    _, experts_SK = route_parent(x_SD, self.router[...], self.top_k, self.normalize)
+    _, experts_SK, probs_SE = route_parent(x_SD, self.router[...], self.top_k, self.normalize)
     logits_SG = jnp.dot(x_SD.astype(jnp.float32), self.linear_router[...].astype(jnp.float32))
     probs_SG = jax.nn.softmax(logits_SG, axis=-1) * n
     weights_Sk, groups_Sk = jax.lax.top_k(probs_SG, budget)
@@ -146,7 +148,7 @@ class SubExpertMoE(nnx.Module):
         weight_A=weights_Sk.reshape(-1),
         valid_A=valid_Sk.reshape(-1),
     )
-    return assignments, experts_SK
+    return assignments, experts_SK, probs_SE
 
   def _run_groups(self, x_SD: jax.Array, assign: Assignments) -> jax.Array:
     """Sort assignments by group, run the grouped SwiGLU, scatter-add weighted rows back."""
@@ -176,13 +178,13 @@ class SubExpertMoE(nnx.Module):
     budget = self.full_budget if budget is None else budget
     with jax.named_scope("route"):
       if self.router_kind == "linear":
-        assign, experts_SK = self._linear_assignments(x_SD, valid_S, budget, budget_S)
+        assign, experts_SK, probs_SE = self._linear_assignments(x_SD, valid_S, budget, budget_S)
       else:
-        assign, experts_SK = self._compound_assignments(x_SD, valid_S, budget, budget_S)
+        assign, experts_SK, probs_SE = self._compound_assignments(x_SD, valid_S, budget, budget_S)
     with jax.named_scope("dispatch"):
       y_SD = self._run_groups(x_SD, assign)
     if hasattr(self, "shared_expert"):
       gate_S1 = jax.nn.sigmoid(jnp.dot(x_SD, self.shared_expert_gate[...]).astype(jnp.float32))
       y_SD = y_SD + gate_S1 * self.shared_expert(x_SD).astype(jnp.float32)
     active_S = jnp.zeros((x_SD.shape[0],), jnp.int32).at[assign.token_A].add(assign.valid_A.astype(jnp.int32))
-    return y_SD.astype(x_SD.dtype), MoEInfo(top_experts_SK=experts_SK, active_S=active_S)
+    return y_SD.astype(x_SD.dtype), MoEInfo(router_probs_SE=probs_SE, top_experts_SK=experts_SK, active_S=active_S)
