@@ -1,0 +1,1 @@
+"""One declarative module per Hugging Face model family, collected by `converters.registry`."""
