@@ -18,7 +18,7 @@ import numpy as np
 Shape = tuple[int, ...]
 
 
-class TensorReader(Protocol):
+class TensorSource(Protocol):
   """Reads tensors by Hugging Face key; `get_row(key, i)` reads only `tensor[i]`."""
 
   def get(self, key: str) -> np.ndarray: ...
@@ -35,7 +35,7 @@ class Transform:
   def hf_shapes(self, ours: Sequence[Shape]) -> list[Shape]:
     raise NotImplementedError
 
-  def load(self, reader: TensorReader, keys: Sequence[str], ours: Sequence[Shape], dtype) -> list[np.ndarray]:
+  def load(self, reader: TensorSource, keys: Sequence[str], ours: Sequence[Shape], dtype) -> list[np.ndarray]:
     raise NotImplementedError
 
   def save(self, ours: Sequence[np.ndarray]) -> list[np.ndarray]:

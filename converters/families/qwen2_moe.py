@@ -52,6 +52,7 @@ def read_config(fields: ConfigFields) -> dict[str, Any]:
   require_silu(fields)
   sizes = read_attention_sizes(fields)
   sliding = read_sliding_layers(fields, sizes["num_layers"])
+  fields.get("sliding_window")  # read even when no layer slides, so the field counts as handled
   shared = fields.get("shared_expert_intermediate_size")
   if not isinstance(shared, int) or shared <= 0:
     raise fields.fail("shared_expert_intermediate_size", "must be positive: every Qwen2-MoE layer has a shared expert")
