@@ -6,9 +6,10 @@ past `sum(group_sizes)` come out as zeros. Backends:
 
 - `xla`: `jax.lax.ragged_dot`. The accelerator path. XLA:CPU lowers it to a masked dense
   product that costs G times the useful work, so it is not the CPU default.
-- `tiled`: rows are cut into fixed-size tiles that never straddle two groups; each tile is
-  multiplied by its group's weight in one batched matmul. Work grows with the rows that
-  exist (plus at most one partial tile per group), so it is the CPU default.
+- `tiled`: the CPU default; its work follows the rows that exist. With few rows per
+  group (decode), each row is multiplied by its own group's gathered weight. With many
+  (prefill), a group-major batched pass takes the first C rows of every group and an
+  overflow loop the rest (`capacity_matmul`).
 - `tokamax`: the tokamax kernels, used only when the package is installed and the
   platform is an accelerator.
 """
@@ -22,6 +23,7 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from prism_jax.capacity_matmul import capacity_matmul, default_capacity
 from prism_jax.config import Backend
 
 logger = logging.getLogger(__name__)
@@ -49,15 +51,6 @@ def resolve_backend(backend: Backend = "auto", platform: str | None = None) -> s
   if platform == "cpu":
     return "tiled"
   return "tokamax" if tokamax_available() else "xla"
-
-
-def default_tile_rows(num_rows: int, num_groups: int) -> int:
-  """Pick a power-of-two tile height near half the mean rows per group (1..256)."""
-  mean_rows = max(num_rows // max(num_groups, 1), 1)
-  tile = 1
-  while tile * 2 <= max(mean_rows // 2, 1) and tile < 256:
-    tile *= 2
-  return tile
 
 
 def _tiled(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array, tile_rows: int) -> jax.Array:
@@ -121,5 +114,11 @@ def grouped_matmul(
     return jax.lax.ragged_dot(lhs_SD, rhs_GDF, group_sizes_G.astype(jnp.int32))
   if chosen == "tokamax":
     return _tokamax(lhs_SD, rhs_GDF, group_sizes_G)
-  tile = tile_rows or default_tile_rows(lhs_SD.shape[0], rhs_GDF.shape[0])
-  return _tiled(lhs_SD, rhs_GDF, group_sizes_G, tile)
+  num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
+  if tile_rows is not None:
+    return _tiled(lhs_SD, rhs_GDF, group_sizes_G, tile_rows)
+  # Fewer rows than half the groups: most groups are empty, so gather only the weights rows need.
+  if 2 * num_rows < num_groups:
+    return _tiled(lhs_SD, rhs_GDF, group_sizes_G, 1)
+  capacity, tile = default_capacity(num_rows, num_groups)
+  return capacity_matmul(lhs_SD, rhs_GDF, group_sizes_G, capacity, tile)

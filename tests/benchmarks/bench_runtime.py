@@ -1,0 +1,151 @@
+"""Runtime benchmark: grouped-matmul efficiency, cost versus budget, decode bandwidth.
+
+Run from the repository root: python -m tests.benchmarks.bench_runtime [--quick]
+Every figure is a ratio of two timings taken side by side in this one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import platform
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from prism_jax.config import ModelConfig
+from prism_jax.grouped_matmul import grouped_matmul
+from prism_jax.model import PrismModel
+from prism_jax.subexperts import identity_partition
+from prism_jax.testing import random_params
+from tests.benchmarks.timing import median_seconds
+
+XLA_RAGGED_LIMIT_BYTES = 2 << 30  # XLA:CPU ragged_dot materializes [G, M, D]; skip it above this.
+
+
+def grouped_matmul_table(groups_list, rows_list, d, f, repeats):
+  print(f"\n(1) grouped matmul, D={d}, F/N={f}: FLOP rate relative to dense jnp.dot of the same useful FLOPs")
+  print(f"{'groups':>7} {'rows/group':>10} {'dense ms':>9} {'tiled ms':>9} {'tiled/dense':>11} {'xla ms':>9} {'xla/dense':>9}")
+  rng = np.random.default_rng(0)
+  for groups in groups_list:
+    rhs = jnp.asarray(rng.normal(size=(groups, d, f)), jnp.float32)
+    for rows in rows_list:
+      num_rows = groups * rows
+      lhs = jnp.asarray(rng.normal(size=(num_rows, d)), jnp.float32)
+      # Uneven group sizes with the same total: a realistic router is not balanced.
+      sizes = rng.multinomial(num_rows, rng.dirichlet(np.full(groups, 2.0)))
+      sizes = jnp.asarray(sizes, jnp.int32)
+      dense = jax.jit(lambda a, b: a @ b)
+      tiled = jax.jit(functools.partial(grouped_matmul, backend="tiled"))
+      t_dense = median_seconds(lambda: dense(lhs, rhs[0]), repeats=repeats)
+      t_tiled = median_seconds(lambda: tiled(lhs, rhs, sizes), repeats=repeats)
+      xla_bytes = groups * num_rows * d * 4
+      if xla_bytes <= XLA_RAGGED_LIMIT_BYTES:
+        xla = jax.jit(functools.partial(grouped_matmul, backend="xla"))
+        t_xla = median_seconds(lambda: xla(lhs, rhs, sizes), repeats=max(1, repeats // 2))
+        xla_cols = f"{t_xla * 1e3:9.1f} {t_dense / t_xla:9.1%}"
+      else:
+        xla_cols = f"{'skipped':>9} {'(>2 GiB)':>9}"
+      print(f"{groups:7d} {rows:10d} {t_dense * 1e3:9.2f} {t_tiled * 1e3:9.2f} {t_dense / t_tiled:11.1%} {xla_cols}")
+
+
+def budget_model(d, e, k, f, layers, vocab):
+  return ModelConfig(family="qwen3_moe", vocab_size=vocab, hidden_size=d, num_layers=layers, num_heads=8,
+                     num_kv_heads=4, head_dim=d // 8, num_experts=e, num_experts_per_tok=k, moe_intermediate_size=f,
+                     qk_norm="head", max_position_embeddings=4096)
+
+
+def budget_table(config, n, num_tokens, repeats):
+  print(f"\n(2) prefill cost versus budget: E={config.num_experts}, K={config.num_experts_per_tok}, N={n}, "
+        f"D={config.hidden_size}, F={config.moe_intermediate_size}, {num_tokens} tokens")
+  partition = identity_partition(config.num_experts, config.moe_intermediate_size, n, config.moe_layer_indices, "x")
+  model = PrismModel(config, random_params(config, seed=0), partition=partition)
+  graphdef, state = nnx.split(model.module().layers[0].mlp)
+
+  @functools.partial(jax.jit, static_argnames="budget")
+  def layer(state, x, valid, budget):
+    return nnx.merge(graphdef, state)(x, valid, budget)[0]
+
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(num_tokens, config.hidden_size)), jnp.float32)
+  valid = jnp.ones((num_tokens,), bool)
+  tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, num_tokens)), jnp.int32)
+  full = model.full_budget
+  fractions = (0.25, 0.5, 0.75, 1.0)
+  layer_times = {f: median_seconds(lambda: layer(state, x, valid, int(f * full)), repeats=repeats) for f in fractions}
+  model_times = {f: median_seconds(lambda: model(tokens, budget=int(f * full)), repeats=repeats) for f in fractions}
+  print(f"{'fraction':>8} {'budget':>6} {'layer ms':>9} {'layer/full':>10} {'target':>7} {'model ms':>9} {'model/full':>10}")
+  for f in fractions:
+    print(f"{f:8.2f} {int(f * full):6d} {layer_times[f] * 1e3:9.2f} {layer_times[f] / layer_times[1.0]:10.2f} "
+          f"{f + 0.1:7.2f} {model_times[f] * 1e3:9.2f} {model_times[f] / model_times[1.0]:10.2f}")
+
+
+def bandwidth_bytes_per_second(repeats):
+  size = 256 << 20
+  a = jnp.ones((size // 4,), jnp.float32)
+  total = jax.jit(jnp.sum)
+  return size / median_seconds(lambda: total(a), repeats=repeats)
+
+
+def decode_table(config, n, batch_sizes, repeats):
+  print(f"\n(3) decode step of one MoE layer: time versus bytes of the sub-experts touched")
+  partition = identity_partition(config.num_experts, config.moe_intermediate_size, n, config.moe_layer_indices, "x")
+  model = PrismModel(config, random_params(config, seed=0), partition=partition)
+  graphdef, state = nnx.split(model.module().layers[0].mlp)
+
+  @functools.partial(jax.jit, static_argnames="budget")
+  def layer(state, x, valid, budget):
+    y, info = nnx.merge(graphdef, state)(x, valid, budget)
+    return y, info
+
+  bandwidth = bandwidth_bytes_per_second(repeats)
+  print(f"measured read bandwidth (jnp.sum over 256 MiB): {bandwidth / 1e9:.1f} GB/s")
+  group_bytes = 3 * config.hidden_size * (config.moe_intermediate_size // n) * 4
+  print(f"{'batch':>5} {'budget':>6} {'groups':>6} {'MB touched':>10} {'step ms':>8} {'achieved GB/s':>13} {'of peak':>7}")
+  rng = np.random.default_rng(2)
+  for batch in batch_sizes:
+    for budget in (model.full_budget // 4, model.full_budget):
+      x = jnp.asarray(rng.normal(size=(batch, config.hidden_size)), jnp.float32)
+      valid = jnp.ones((batch,), bool)
+      seconds = median_seconds(lambda: layer(state, x, valid, budget), repeats=repeats * 4)
+      # Count the distinct groups this step ran, from a reference of the same routing.
+      _, info = layer(state, x, valid, budget)
+      groups = _distinct_groups(model, 0, x, budget)
+      touched = groups * group_bytes
+      rate = touched / seconds
+      print(f"{batch:5d} {budget:6d} {groups:6d} {touched / 1e6:10.2f} {seconds * 1e3:8.3f} {rate / 1e9:13.2f} "
+            f"{rate / bandwidth:7.1%}")
+
+
+def _distinct_groups(model, index, x, budget):
+  from prism_jax.moe import route_parent
+  from prism_jax.budget import budget_pattern
+
+  mlp = model.module().layers[index].mlp
+  _, experts_SK, _ = route_parent(x, mlp.router[...], mlp.top_k, mlp.normalize)
+  pattern = budget_pattern(budget, mlp.num_sub_experts, mlp.top_k)
+  # Upper bound for partial experts: the ranking picks `count` of N, so count groups per (token, rank).
+  groups = set()
+  for row in np.asarray(experts_SK):
+    for rank, count in enumerate(pattern):
+      for s in range(count):
+        groups.add((int(row[rank]), s))
+  return len(groups)
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__)
+  parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer repeats")
+  args = parser.parse_args()
+  repeats = 3 if args.quick else 5
+  print(f"machine: {platform.machine()}, {jax.device_count()} x {jax.devices()[0].device_kind}, jax {jax.__version__}")
+  groups_list = (32, 256) if args.quick else (32, 256, 1024)
+  grouped_matmul_table(groups_list, (16, 64, 256), d=256, f=128, repeats=repeats)
+  config = budget_model(d=512, e=16, k=4, f=512, layers=2, vocab=1024)
+  budget_table(config, n=4, num_tokens=512 if args.quick else 1024, repeats=repeats)
+  decode_table(config, n=4, batch_sizes=(1, 8, 32), repeats=repeats)
+
+
+if __name__ == "__main__":
+  main()
