@@ -1,7 +1,7 @@
 """Convert a Hugging Face MoE checkpoint into a prism checkpoint, streaming one layer at a time.
 
-Everything that can be checked without reading tensor data is checked first: the family and
-every config field, the full set of tensor keys (each consumed by exactly one table row,
+Everything that can be checked without reading tensor data is checked first. That covers the
+family and every config field, the full set of tensor keys (each consumed by one table row,
 none missing), every shape and dtype, truncated files and the output directory. Only then
 are tensors read, one item (layer) at a time, and written with `CheckpointWriter`, so peak
 memory stays near one layer's expert block and the output appears only when complete.
@@ -34,7 +34,7 @@ logger = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja")
-# Non-weight buffers that some older checkpoints saved; the runtime recomputes them from the config.
+# Non-weight buffers that some older checkpoints saved. The runtime recomputes them from the config.
 IGNORED_KEY_SUFFIXES = (".rotary_emb.inv_freq",)
 _LISTED = 10
 
@@ -58,7 +58,7 @@ def _listing(names: list[str]) -> str:
 
 
 def read_config(hf_dir: Path, dtype: WeightDtype = "float32") -> tuple[Family, ModelConfig]:
-  """The family and translated ModelConfig of a Hugging Face checkpoint directory."""
+  """Read config.json of a Hugging Face checkpoint directory and return its family and ModelConfig."""
   path = hf_dir / "config.json"
   if not path.is_file():
     raise ConversionError(f"{hf_dir} has no config.json; pass a Hugging Face checkpoint directory")
@@ -107,27 +107,27 @@ def plan_conversion(hf_dir: str | os.PathLike, dtype: WeightDtype = "float32") -
         if key not in tensors:
           missing.append(key)
         elif tensors[key].shape != shape:
-          problems.append(f"tensor {key} in {tensors[key].file.name} has shape {list(tensors[key].shape)}, but "
-                          f"config.json implies {list(shape)}")
+          problems.append(f"Tensor {key} in {tensors[key].file.name} has shape {list(tensors[key].shape)}, but "
+                          f"config.json implies {list(shape)}.")
         elif tensors[key].dtype not in FLOAT_DTYPES:
-          problems.append(f"tensor {key} in {tensors[key].file.name} has dtype {tensors[key].dtype}; only "
-                          f"{list(FLOAT_DTYPES)} weights are supported (quantized checkpoints are not)")
+          problems.append(f"Tensor {key} in {tensors[key].file.name} has dtype {tensors[key].dtype}, but only "
+                          f"{list(FLOAT_DTYPES)} weights are supported (quantized checkpoints are not).")
   if config.tie_word_embeddings and "lm_head.weight" in tensors:
-    # transformers ignores a stored output layer when the embeddings are tied; so do we.
+    # transformers ignores a stored output layer when the embeddings are tied, and so do we.
     consumed.add("lm_head.weight")
   consumed.update(k for k in tensors if k.endswith(IGNORED_KEY_SUFFIXES))
   leftovers = sorted(set(tensors) - consumed)
 
   if missing:
-    problems.insert(0, f"tensors {_listing(missing)} ({len(missing)} in all) that the {family.model_type} config "
-                       "requires are missing; check that every shard is present and that config.json belongs to "
-                       "these weights")
+    problems.insert(0, f"Tensors {_listing(missing)} ({len(missing)} in all) that the {family.model_type} config "
+                       "requires are missing. Check that every shard is present and that config.json belongs to "
+                       "these weights.")
   if leftovers:
-    problems.append(f"tensors {_listing(leftovers)} ({len(leftovers)} in all) are not consumed by the "
-                    f"{family.model_type} key table; the checkpoint has parts this converter does not handle, or "
-                    "config.json disagrees with the weights (for example num_hidden_layers or num_experts)")
+    problems.append(f"Tensors {_listing(leftovers)} ({len(leftovers)} in all) are not consumed by the "
+                    f"{family.model_type} key table. Either the checkpoint has parts this converter does not handle, "
+                    "or config.json disagrees with the weights (for example in num_hidden_layers or num_experts).")
   if problems:
-    raise ConversionError(f"cannot convert {hf_dir}: " + "; ".join(problems))
+    raise ConversionError(f"cannot convert {hf_dir}:\n  " + "\n  ".join(problems))
 
   tokenizer_files = [hf_dir / name for name in TOKENIZER_FILES if (hf_dir / name).is_file()]
   return ConversionPlan(hf_dir, family, config, tensors, tables, shapes, tokenizer_files)
@@ -135,7 +135,7 @@ def plan_conversion(hf_dir: str | os.PathLike, dtype: WeightDtype = "float32") -
 
 def convert_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *, dtype: WeightDtype = "float32",
                        overwrite: bool = False) -> Path:
-  """Convert a Hugging Face checkpoint directory into a prism checkpoint at `out_dir`; return its path."""
+  """Convert a Hugging Face checkpoint directory into a prism checkpoint at `out_dir` and return its path."""
   out_dir = Path(out_dir)
   check_output_dir(out_dir, overwrite)
   plan = plan_conversion(hf_dir, dtype)

@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-  """Raise FileExistsError when `out_dir` holds files and `overwrite` is false."""
+  """Raise FileExistsError when `out_dir` contains files and `overwrite` is false."""
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
     raise FileExistsError(f"output directory {out_dir} exists and is not empty; pass overwrite=True "
                           "(--overwrite) to replace it or choose another path")
@@ -39,17 +39,17 @@ def hf_tensors(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
   """{Hugging Face key: tensor} for expert-layout (N=1) params, checked against the config's shapes."""
   family = get_family(config.family)
   expected = expected_item_shapes(config)
-  given = dict(items_of(params))
-  unknown = sorted(set(given) - set(expected))
+  items = dict(items_of(params))
+  unknown = sorted(set(items) - set(expected))
   if unknown:
     raise ConversionError(f"params contain items {unknown} that a {config.family} model with this config does not "
                           f"have (expected {sorted(expected)})")
   layouts = [family.expert_layouts[0]] * config.num_layers
   tensors: dict[str, np.ndarray] = {}
   for table in item_tables(config, layouts):
-    if table.item not in given:
+    if table.item not in items:
       raise ConversionError(f"params have no item {table.item!r}; export needs the whole model")
-    leaves = {path: np.asarray(leaf) for path, leaf in flatten(given[table.item])}
+    leaves = {path: np.asarray(leaf) for path, leaf in flatten(items[table.item])}
     if set(leaves) != set(expected[table.item]):
       raise ConversionError(
           f"params item {table.item} has paths {sorted(leaves)}, but the model expects "
@@ -58,7 +58,7 @@ def hf_tensors(config: ModelConfig, params: dict) -> dict[str, np.ndarray]:
       if leaves[path].shape != shape:
         raise ConversionError(f"parameter {table.item}.{path} has shape {leaves[path].shape}, expected {shape}")
     for row in table.rows:
-      arrays = row.transform.save([get_path(given[table.item], path) for path in row.ours])
+      arrays = row.transform.save([get_path(items[table.item], path) for path in row.ours])
       tensors.update(zip(row.hf_keys(table.prefix, config.num_experts), arrays))
   return tensors
 
@@ -77,7 +77,7 @@ def export_params(config: ModelConfig, params: dict, out_dir: str | os.PathLike,
   missing = [str(f) for f in tokenizer_files if not f.is_file()]
   if missing:
     raise FileNotFoundError(f"tokenizer files {missing} do not exist")
-  # NOTE: holds a Hugging Face copy of every tensor in memory before writing one file.
+  # NOTE: keeps a Hugging Face copy of every tensor in memory, because one file is written at the end.
   tensors = hf_tensors(config, params)
 
   tmp_dir = out_dir.with_name(out_dir.name + ".partial")

@@ -16,9 +16,9 @@ from converters.key_table import ExpertLayout
 class Family:
   """One model family: config translation both ways and how its MoE layers are stored.
 
-  `defaults` are the values transformers 5.25 uses for fields a config.json leaves out;
-  `ignored` maps fields that do not change the model to the reason; `expert_layouts[0]` is the
-  layout of the released checkpoints, which export writes.
+  `defaults` are the values transformers 5.25 uses for fields a config.json leaves out.
+  `ignored` maps each field that does not change the model to the reason. `expert_layouts[0]`
+  is the layout of the released checkpoints, which export writes.
   """
 
   model_type: str

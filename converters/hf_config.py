@@ -76,7 +76,7 @@ class ConfigFields:
     raise ConversionError(f"{self.source}: required field {name!r} is missing; add it to config.json")
 
   def ignore(self, fields: Mapping[str, str]) -> None:
-    """Mark fields that do not change the model (the mapping value says why) as handled."""
+    """Mark fields that do not change the model as handled; each mapping value gives the reason."""
     self._handled.update(fields)
 
   def fail(self, name: str, problem: str) -> ConversionError:
@@ -96,7 +96,12 @@ class ConfigFields:
 def read_token_ids(fields: ConfigFields) -> dict[str, Any]:
   """bos/eos/pad ids as ModelConfig fields; eos may be one id or a list."""
   eos = fields.get("eos_token_id", default=None)
-  eos_ids = () if eos is None else tuple(eos) if isinstance(eos, (list, tuple)) else (eos,)
+  if eos is None:
+    eos_ids = ()
+  elif isinstance(eos, (list, tuple)):
+    eos_ids = tuple(eos)
+  else:
+    eos_ids = (eos,)
   return dict(bos_token_id=fields.get("bos_token_id", default=None), eos_token_ids=eos_ids,
               pad_token_id=fields.get("pad_token_id", default=None))
 

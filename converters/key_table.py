@@ -42,7 +42,7 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class ExpertLayout:
-  """How one family stores a MoE layer's router and experts; `marker` (relative key) identifies it."""
+  """Storage layout of a MoE layer's router and experts, identified by the relative key `marker`."""
 
   name: str
   marker: str
@@ -122,7 +122,7 @@ FUSED = ExpertLayout(
 
 
 def layer_rows(config: ModelConfig, layer: int, layout: ExpertLayout) -> tuple[Row, ...]:
-  """All rows of one decoder layer, chosen by the config (bias, QK-norm, MoE or dense, shared expert)."""
+  """Collect the rows of one decoder layer, chosen by the config (bias, QK-norm, MoE or dense, shared expert)."""
   rows = list(ATTENTION)
   if config.qkv_bias:
     rows += QKV_BIAS

@@ -11,7 +11,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (mixtral.FAMILY, qwen2_m
 
 
 def get_family(model_type: str | None) -> Family:
-  """The family registered for `model_type`; raises ConversionError listing the supported ones."""
+  """Look up the family of `model_type`; raise ConversionError listing the supported ones if absent."""
   if model_type not in FAMILIES:
     raise ConversionError(f"model_type {model_type!r} is not supported; supported model types are "
                           f"{sorted(FAMILIES)}")

@@ -27,7 +27,7 @@ FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 @dataclasses.dataclass(frozen=True)
 class TensorInfo:
-  """Where one tensor lives and what its header says."""
+  """Location of one tensor and the dtype and shape its header declares."""
 
   key: str
   file: Path
@@ -71,7 +71,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
 
 def find_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
-  """Every tensor of a single-file or sharded (index.json) checkpoint, validated from the headers."""
+  """Index every tensor of a single-file or sharded (index.json) checkpoint, validating the headers."""
   index = hf_dir / INDEX_FILE
   if index.is_file():
     weight_map = json.loads(index.read_text()).get("weight_map")

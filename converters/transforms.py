@@ -2,7 +2,7 @@
 
 Hugging Face stores a Linear weight as [out, in] (y = x @ W.T); we store kernels as [in, out]
 (y = x @ W). Experts come either one tensor per expert (the released checkpoints) or fused into
-3-D tensors (what transformers 5 keeps in memory). Every transform knows:
+3-D tensors (what transformers 5 keeps in memory). Every transform defines:
 
   hf_shapes(ours)  the Hugging Face shapes it expects, from our shapes (for validation),
   load(...)        Hugging Face tensors -> ours, reading one expert at a time,

@@ -1,6 +1,6 @@
 """Tiny random Hugging Face MoE models for parity tests, built from configs (no downloads).
 
-`build_model(case)` returns a transformers model with seeded random weights; norms and biases
+`build_model(case)` returns a transformers model with seeded random weights. Norms and biases
 are randomized too, so a swapped or dropped tensor shows up in the logits. `save(model, dir)`
 writes it with `save_pretrained` (released per-expert names), optionally sharded, or as the
 fused in-memory state dict of transformers 5 (`fused=True`), plus a small tokenizer.
@@ -66,7 +66,6 @@ CASES = {
         rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0,
                              original_max_position_embeddings=256))),
     "olmoe_clip_qkv": Case("olmoe", dict(clip_qkv=0.6, norm_topk_prob=False)),
-    "olmoe_norm_topk": Case("olmoe", dict(norm_topk_prob=True)),
 }
 
 
