@@ -65,14 +65,6 @@ class PrismModel:
       return None
     return check_budget(budget, self.sub.num_sub_experts, self.config.num_experts_per_tok)
 
-  @functools.cached_property
-  def _jitted(self):
-    def run(state, tokens_BT, positions_BT, valid_BT, cache, budget_B, *, budget, hidden_only):
-      model = nnx.merge(self.graphdef, state)
-      return model(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT, cache=cache,
-                   budget=budget, budget_B=budget_B, hidden_only=hidden_only)
-    return jax.jit(run, static_argnames=("budget", "hidden_only"))
-
   def forward(self, tokens_BT, *, budget: int | None = None, budget_B=None, positions_BT=None,
               valid_BT=None, cache: KVCache | None = None, hidden_only: bool = False) -> ForwardOutput:
     """Jitted forward pass; see `Decoder.__call__` for the arguments."""
@@ -87,8 +79,8 @@ class PrismModel:
         raise ValueError(f"budget_B must hold one budget in 1..{limit} per row ({tokens_BT.shape[0]} rows), "
                          f"got {budget_B.tolist()}")
       budget_B = jnp.asarray(budget_B, jnp.int32)
-    return self._jitted(self.state, tokens_BT, positions_BT, valid_BT, cache, budget_B,
-                        budget=budget, hidden_only=hidden_only)
+    return _run(self.graphdef, self.state, tokens_BT, positions_BT, valid_BT, cache, budget_B,
+                budget=budget, hidden_only=hidden_only)
 
   def __call__(self, tokens_BT, budget: int | None = None, **kwargs) -> jax.Array:
     return self.forward(tokens_BT, budget=budget, **kwargs).logits_BTV
@@ -98,6 +90,14 @@ class PrismModel:
     shape = (batch, max_len, c.num_kv_heads, c.head_dim)
     dtype = jnp.dtype(c.dtype)
     return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "budget", "hidden_only"))
+def _run(graphdef, state, tokens_BT, positions_BT, valid_BT, cache, budget_B, *, budget, hidden_only):
+  # The graph definition is a static argument, so models of the same structure share compiled programs.
+  model = nnx.merge(graphdef, state)
+  return model(tokens_BT, positions_BT=positions_BT, valid_BT=valid_BT, cache=cache, budget=budget,
+               budget_B=budget_B, hidden_only=hidden_only)
 
 
 def apply_partition(config: ModelConfig, params: dict, partition: Partition) -> dict:
