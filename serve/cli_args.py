@@ -93,6 +93,22 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
   return EngineConfig(**values)
 
 
+def ensure_info_logging() -> None:
+  """Show INFO logs (request starts, stops, errors) even when `prism`'s basicConfig did nothing.
+
+  NOTE: importing orbax adds a handler to the root logger, so the basicConfig call in
+  prism_jax/cli.py is a no-op and the root level stays WARNING. Passing force=True there
+  fixes it for every subcommand; until then this lowers the level and formats bare handlers.
+  """
+  root = logging.getLogger()
+  if root.level > logging.INFO:
+    root.setLevel(logging.INFO)
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for handler in root.handlers:
+      if handler.formatter is None:
+        handler.setFormatter(formatter)
+
+
 def load_model(args: argparse.Namespace):
   import prism_jax  # pylint: disable=import-outside-toplevel
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from serve.cli_args import add_engine_arguments, add_model_arguments, engine_config, load_model
+from serve.cli_args import add_engine_arguments, add_model_arguments, engine_config, ensure_info_logging, load_model
 from serve.latency import measure_latency
 from serve.runner import ModelRunner, enable_compilation_cache
 
@@ -19,6 +19,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+  ensure_info_logging()
   try:
     config = engine_config(args)
     if args.repeats < 1:

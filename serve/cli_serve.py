@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from serve.app import ServerConfig, create_app
-from serve.cli_args import add_engine_arguments, add_model_arguments, engine_config, load_model
+from serve.cli_args import add_engine_arguments, add_model_arguments, engine_config, ensure_info_logging, load_model
 from serve.engine import Engine
 from serve.latency import LatencyTable
 from serve.metrics import ServeMetrics
@@ -46,6 +46,7 @@ def _api_key(args: argparse.Namespace) -> str | None:
 
 
 def run(args: argparse.Namespace) -> int:
+  ensure_info_logging()
   try:
     config = engine_config(args)
     api_key = _api_key(args)
