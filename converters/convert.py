@@ -156,6 +156,7 @@ def convert_checkpoint(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, *,
           our_shapes = [plan.shapes[table.item][path] for path in row.ours]
           for path, array in zip(row.ours, row.transform.load(reader, keys, our_shapes, target)):
             set_path(tree, path, array)
+          reader.release()
         writer.write_item(table.item, tree)
         del tree
     writer.write_tokenizer(plan.tokenizer_files)

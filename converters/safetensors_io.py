@@ -102,7 +102,11 @@ def find_tensors(hf_dir: Path) -> dict[str, TensorInfo]:
 
 
 class TensorReader:
-  """Reads tensors one at a time through `safe_open`, keeping each file open once opened."""
+  """Reads tensors one at a time through `safe_open`; `release()` closes the files opened so far.
+
+  `safe_open` memory-maps each file, and every page read stays in the process's resident set
+  until the file is closed. The converter therefore calls `release()` after each table row.
+  """
 
   def __init__(self, tensors: dict[str, TensorInfo]):
     self.tensors = tensors
@@ -114,7 +118,12 @@ class TensorReader:
     return self
 
   def __exit__(self, *exc) -> None:
+    self.release()
+
+  def release(self) -> None:
     self._stack.close()
+    self._stack = contextlib.ExitStack()
+    self._handles.clear()
 
   def _handle(self, key: str):
     file = self.tensors[key].file
@@ -128,7 +137,7 @@ class TensorReader:
     return array
 
   def get_row(self, key: str, index: int) -> np.ndarray:
-    """`tensor[index]` without reading the rest of the tensor."""
+    """Read `tensor[index]` without reading the rest of the tensor."""
     array = self._handle(key).get_slice(key)[index]
     self.bytes_read += array.nbytes
     return array
