@@ -118,17 +118,25 @@ class RouterTuningConfig:
 
   `steps` = 0 keeps the parent router columns repeated N times. Training minimizes the
   squared error between the MoE layer output at a budget and the original layer output,
-  with the budget annealed linearly from K up to N*K over the steps.
+  averaged over budgets K..b, where b is annealed linearly from K up to N*K over the steps.
+  At most `max_tokens` calibration inputs per layer are used (full batch). Gradients treat
+  the top-b choice as a sigmoid of (logit - cut) / `temperature` (straight-through). Every
+  `eval_every` steps the exact errors are measured; the best router seen (possibly the
+  starting one) is kept.
   """
 
   steps: int = 0
-  learning_rate: float = 1e-3
+  learning_rate: float = 1e-4
   max_tokens: int = 4096
+  temperature: float = 0.1
+  eval_every: int = 10
 
   def __post_init__(self):
     _require(self.steps >= 0, f"router tuning steps must be >= 0, got {self.steps}")
     _require(self.learning_rate > 0, f"learning_rate must be positive, got {self.learning_rate}")
     _positive("max_tokens", self.max_tokens)
+    _require(self.temperature > 0, f"temperature must be positive, got {self.temperature}")
+    _positive("eval_every", self.eval_every)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,8 +3,8 @@
 Per MoE layer, on a sample of its calibration inputs: the frozen sub-experts' outputs are
 computed once; the loss is the squared error between the layer output at budget b (top-b
 sub-experts under the trainable router, as `SubExpertMoE` weights them) and the original
-layer output, relative to the latter's mean square. The budget rises linearly from K to
-N*K over the steps. Gradients reach the router through the routing weights only; the
+layer output, relative to the latter's mean square, averaged over budgets K..b_i at step
+i, where b_i rises linearly from K to N*K over the steps. Gradients reach the router through the routing weights only; the
 top-b choice itself is piecewise constant.
 """
 
@@ -35,19 +35,31 @@ def sub_expert_outputs(x_SD: jax.Array, gate_GDW: jax.Array, up_GDW: jax.Array, 
 
 
 def dense_linear_moe(x_SD: jax.Array, outputs_SGD: jax.Array, router_DG: jax.Array, budget: jax.Array,
-                     num_sub_experts: int, normalize: bool) -> jax.Array:
+                     num_sub_experts: int, normalize: bool, temperature: float | None = None) -> jax.Array:
   """Layer output with the linear router at a (traced) budget, weighted as `SubExpertMoE` does.
 
   Sub-expert probabilities are softmax over the G logits times N; the top `budget` run
   (ties go to the lower index, as with lax.top_k); with `normalize` the selected weights
-  are rescaled to sum to N x (their probability share).
+  are rescaled to sum to N. With a `temperature`, the gradient (not the value) treats the
+  choice as relaxed: a sub-expert counts sigmoid((logit - cut) / temperature) times, with
+  the cut midway between the budget-th and the next logit, so training also moves the choice.
   """
   n = num_sub_experts
-  probs_SG = jax.nn.softmax(jnp.dot(x_SD, router_DG, precision=jax.lax.Precision.HIGHEST), axis=-1) * n
+  logits_SG = jnp.dot(x_SD, router_DG, precision=jax.lax.Precision.HIGHEST)
+  probs_SG = jax.nn.softmax(logits_SG, axis=-1) * n
   # Worked example, probs [0.2, 0.5, 0.5] and budget 2: ranks [2, 0, 1] select groups 1 and 2.
-  ranks_SG = jnp.argsort(jnp.argsort(-probs_SG, axis=-1, stable=True), axis=-1)
-  selected_SG = ranks_SG < budget
-  weights_SG = jnp.where(selected_SG, probs_SG, 0.0)
+  ranks_SG = jnp.argsort(jnp.argsort(-logits_SG, axis=-1, stable=True), axis=-1)
+  selected_SG = (ranks_SG < budget).astype(probs_SG.dtype)
+  if temperature is not None:
+    num_groups = logits_SG.shape[-1]
+    descending_SG = jax.lax.stop_gradient(-jnp.sort(-logits_SG, axis=-1))
+    last_in = jnp.take(descending_SG, budget - 1, axis=-1)
+    first_out = jnp.take(descending_SG, jnp.minimum(budget, num_groups - 1), axis=-1)
+    cut_S1 = jnp.where(budget >= num_groups, -jnp.inf, 0.5 * (last_in + first_out))[:, None]
+    soft_SG = jax.nn.sigmoid((logits_SG - cut_S1) / temperature)
+    # Straight-through: the value stays the hard choice, the gradient is the relaxed one's.
+    selected_SG = selected_SG + soft_SG - jax.lax.stop_gradient(soft_SG)
+  weights_SG = probs_SG * selected_SG
   if normalize:
     weights_SG = weights_SG * n / jnp.maximum(jnp.sum(weights_SG, axis=-1, keepdims=True), 1e-20)
   return jnp.einsum("sg,sgd->sd", weights_SG, outputs_SGD, precision=jax.lax.Precision.HIGHEST)
@@ -61,14 +73,18 @@ def _parent_output(x_SD, outputs_SGD, router_DE, top_k: int, num_sub_experts: in
 
 
 def budget_schedule(steps: int, top_k: int, num_sub_experts: int) -> np.ndarray:
-  """Budget of each step: linear from K up to N*K."""
+  """Highest budget trained at each step: linear from K up to N*K."""
   full = top_k * num_sub_experts
   return np.rint(np.linspace(top_k, full, max(steps, 1))).astype(np.int32)[:steps]
 
 
 def tune_linear_router(mlp: nnx.Module, permutation_EF: np.ndarray, router_DG: np.ndarray, inputs_SD: np.ndarray,
                        num_sub_experts: int, config: RouterTuningConfig) -> tuple[np.ndarray, dict[str, Any]]:
-  """Train the linear router [D, G] of one layer; returns it and a summary of the run."""
+  """Train the linear router [D, G] of one layer; returns it and a summary of the run.
+
+  Step i minimizes the mean relative error over budgets K..b_i, where b_i rises linearly
+  from K to N*K, so the lowest budgets stay in the loss while higher ones join.
+  """
   if inputs_SD.shape[0] == 0:
     raise ValueError("router tuning needs calibration inputs of the layer; none were sampled")
   n, top_k = num_sub_experts, mlp.top_k
@@ -80,32 +96,50 @@ def tune_linear_router(mlp: nnx.Module, permutation_EF: np.ndarray, router_DG: n
   outputs_SGD = sub_expert_outputs(x_SD, *(jnp.asarray(split[k], jnp.float32) for k in ("gate", "up", "down")))
   target_SD = _parent_output(x_SD, outputs_SGD, jnp.asarray(params["router"], jnp.float32), top_k, n, mlp.normalize)
   scale = jnp.maximum(jnp.mean(jnp.square(target_SD)), 1e-20)
+  budget_values = jnp.arange(top_k, n * top_k + 1)
 
-  def loss_fn(router, budget):
-    y_SD = dense_linear_moe(x_SD, outputs_SGD, router, budget, n, mlp.normalize)
-    return jnp.mean(jnp.square(y_SD - target_SD)) / scale
+  def budget_errors(router, temperature=None):
+    """Relative squared error at every budget K..N*K."""
+    def error(budget):
+      y_SD = dense_linear_moe(x_SD, outputs_SGD, router, budget, n, mlp.normalize, temperature)
+      return jnp.mean(jnp.square(y_SD - target_SD)) / scale
+    return jax.vmap(error)(budget_values)
+
+  def loss_fn(router, highest):
+    in_range = (budget_values <= highest).astype(jnp.float32)
+    return jnp.sum(budget_errors(router, config.temperature) * in_range) / jnp.sum(in_range)
 
   optimizer = optax.adam(config.learning_rate)
 
   @jax.jit
-  def train_step(router, opt_state, budget):
-    loss, grads = jax.value_and_grad(loss_fn)(router, budget)
+  def train_step(router, opt_state, highest):
+    loss, grads = jax.value_and_grad(loss_fn)(router, highest)
     updates, opt_state = optimizer.update(grads, opt_state, router)
     return optax.apply_updates(router, updates), opt_state, loss
 
-  budgets = budget_schedule(config.steps, top_k, n)
   router = jnp.asarray(router_DG, jnp.float32)
   opt_state = optimizer.init(router)
-  start_losses = [float(loss_fn(router, b)) for b in (budgets[0], budgets[-1])]
-  for budget in budgets:
-    router, opt_state, _ = train_step(router, opt_state, jnp.int32(budget))
-  end_losses = [float(loss_fn(router, b)) for b in (budgets[0], budgets[-1])]
+  evaluate = jax.jit(budget_errors)
+  before = np.asarray(evaluate(router))
+  # Keep the router with the lowest mean error over all budgets, checked every `eval_every`
+  # steps: the straight-through gradient is biased, and a step can make the hard choice worse.
+  best_router, best_errors, best_step = router, before, 0
+  for step, highest in enumerate(budget_schedule(config.steps, top_k, n), start=1):
+    router, opt_state, _ = train_step(router, opt_state, jnp.int32(highest))
+    if step % config.eval_every == 0 or step == config.steps:
+      errors = np.asarray(evaluate(router))
+      if errors.mean() < best_errors.mean():
+        best_router, best_errors, best_step = router, errors, step
+  after = best_errors
+  router = best_router
   summary = {
       "steps": config.steps,
+      "best_step": best_step,
       "tokens": int(x_SD.shape[0]),
-      "budgets": [int(budgets[0]), int(budgets[-1])],
-      "relative_error_before": dict(zip(("lowest_budget", "highest_budget"), start_losses)),
-      "relative_error_after": dict(zip(("lowest_budget", "highest_budget"), end_losses)),
+      "budgets": [int(top_k), int(n * top_k)],
+      "relative_error_before": {"lowest_budget": float(before[0]), "mean": float(before.mean())},
+      "relative_error_after": {"lowest_budget": float(after[0]), "mean": float(after.mean())},
   }
-  logger.info("router tuning: relative error at budget %d %.4g -> %.4g", budgets[0], start_losses[0], end_losses[0])
+  logger.info("router tuning: mean relative error over budgets %d..%d %.4g -> %.4g", top_k, n * top_k,
+              before.mean(), after.mean())
   return np.asarray(router), summary
