@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import jax
+import ml_dtypes
 import numpy as np
 import pytest
 import torch
@@ -63,6 +64,17 @@ def test_export_params_of_random_model(tmp_path):
   np.testing.assert_array_equal(gate_up[:, width:], params["layers"][1]["mlp"]["up"].transpose(0, 2, 1))
   generation = json.loads((out / "generation_config.json").read_text())
   assert generation["eos_token_id"] == 0
+
+
+def test_export_bfloat16_params(tmp_path):
+  config = TINY.replace(dtype="bfloat16")
+  params = jax.tree_util.tree_map(lambda x: x.astype(ml_dtypes.bfloat16), random_params(TINY, seed=4))
+  out = export_params(config, params, tmp_path / "hf")
+  reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16)
+  embedding = reloaded.state_dict()["model.embed_tokens.weight"]
+  assert embedding.dtype == torch.bfloat16
+  np.testing.assert_array_equal(embedding.float().numpy(), params["embed"]["embedding"].astype(np.float32))
+  assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_export_rejects_config_family_cannot_express(tmp_path):
