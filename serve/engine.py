@@ -213,8 +213,13 @@ class Engine:
       raise InvalidRequest("stop", "stop strings need a tokenizer, and this engine has none")
 
   def submit(self, prompt_ids: Seq[int], sampling: SamplingParams = SamplingParams(), qos: QoS = QoS(), *,
-             request_id: str | None = None, listener: Listener | None = None) -> RequestHandle:
-    """Queue a request; raises InvalidRequest, QueueFull or EngineStopped instead of queueing it."""
+             request_id: str | None = None, listener: Listener | None = None,
+             arrival: float | None = None) -> RequestHandle:
+    """Queue a request; raises InvalidRequest, QueueFull or EngineStopped instead of queueing it.
+
+    `arrival` is the engine-clock time the request arrived (default: now); TTFT and the deadline
+    count from it. Replays in virtual time pass the scheduled arrival.
+    """
     prompt_ids = tuple(int(t) for t in prompt_ids)
     self.check_request(prompt_ids, sampling)
     budget = self.resolve_budget(qos)
@@ -226,7 +231,7 @@ class Engine:
                         "retry later")
       request_id = request_id or f"req-{next(self._ids)}"
       seed = sampling.seed if sampling.seed is not None else int(self._seeds.integers(0, 2**63))
-      arrival = self.clock()
+      arrival = self.clock() if arrival is None else arrival
       deadline = None if qos.ttft_deadline_s is None else arrival + qos.ttft_deadline_s
       handle = RequestHandle(request_id, self.cancel, listener)
       sequence = Sequence(request_id, prompt_ids, sampling, budget, arrival, deadline, seed, handle)

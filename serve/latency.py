@@ -102,22 +102,28 @@ class LatencyTable:
 
 def measure_latency(runner: StepRunner, programs: Sequence[Program], *, repeats: int = 5,
                     progress: bool = True, meta: dict[str, Any] | None = None) -> LatencyTable:
-  """Time each compiled program `repeats` times after one warm-up run; keep the median.
+  """Time each compiled program `repeats` times after one warm-up run and keep the median.
 
+  The timed runs go round-robin over the programs, so a change in machine load during the
+  measurement shifts every entry alike instead of skewing the programs measured at that moment.
   Runs filler batches in slots 0..B-1, so it overwrites their KV cache: call it before serving.
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
-  seconds = {}
-  for program in tqdm(list(programs), desc="timing steps", unit="program", disable=not progress):
-    batch = StepBatch.filler(program)
-    runner.run(batch)
-    samples = []
+  programs = list(dict.fromkeys(programs))
+  batches = {program: StepBatch.filler(program) for program in programs}
+  samples: dict[Program, list[float]] = {program: [] for program in programs}
+  with tqdm(total=len(programs) * (repeats + 1), desc="timing steps", unit="step", disable=not progress) as bar:
+    for program in programs:
+      runner.run(batches[program])
+      bar.update(1)
     for _ in range(repeats):
-      start = time.perf_counter()
-      runner.run(batch)
-      samples.append(time.perf_counter() - start)
-    seconds[program] = statistics.median(samples)
+      for program in programs:
+        start = time.perf_counter()
+        runner.run(batches[program])
+        samples[program].append(time.perf_counter() - start)
+        bar.update(1)
+  seconds = {program: statistics.median(times) for program, times in samples.items()}
   info = {
       "device": str(jax.devices()[0].device_kind),
       "platform": jax.default_backend(),

@@ -7,9 +7,12 @@ the budget each row runs:
 
 - fcfs: admit in arrival order; the step runs every row at the largest budget it holds.
 - edf: earliest TTFT deadline first (requests without one go last, by arrival), grouped by
-  budget: a step holds one budget only. Prefill rows are added while the predicted step
-  time does not make an admitted row miss a deadline it would otherwise meet. Decode steps
-  serve the budget group whose rows waited longest.
+  budget: a prefill step contains one compiled budget only, that of the most urgent request,
+  and each row runs its own budget inside it (with every budget compiled, one budget per step).
+  Prefill rows are added while the predicted step time does not make an admitted row miss a
+  deadline it would otherwise meet. Decode steps carry no deadline, so they run every
+  decoding row at its own budget (one group per decode step would split the batch into as
+  many steps as there are budgets and keep slots busy longer).
 - throughput: admit in ascending budget; once the running batch (occupied slots) is half
   full, admit no budget above the batch's largest. Rows run at the step's largest budget.
   NOTE: a steady stream of low budgets can starve high budgets in this mode.
@@ -143,16 +146,17 @@ class ThroughputScheduler(Scheduler):
 
 class EdfScheduler(Scheduler):
   name = "edf"
+  uniform_budget = False
 
   def prefill_sequences(self, view: QueueView) -> list[Sequence]:
-    candidates = sorted([*view.prefilling, *view.waiting[:]], key=lambda s: (s.deadline_or(math.inf), s.arrival))
+    candidates = sorted([*view.prefilling, *view.waiting], key=lambda s: (s.deadline_or(math.inf), s.arrival))
     if not candidates or (not view.prefilling and view.free_slots == 0):
       return []
-    group = candidates[0].budget
+    group = self.compiled_budget(candidates[0].budget)
     chosen: list[Sequence] = []
     free = view.free_slots
     for sequence in candidates:
-      if sequence.budget != group or len(chosen) == self.config.max_batch:
+      if self.compiled_budget(sequence.budget) != group or len(chosen) == self.config.max_batch:
         continue
       waiting = sequence.phase is Phase.WAITING
       if waiting and free == 0:
@@ -168,16 +172,6 @@ class EdfScheduler(Scheduler):
     before = now + self.predict("prefill", chosen)
     after = now + self.predict("prefill", [*chosen, candidate])
     return any(s.deadline is not None and before <= s.deadline < after for s in chosen)
-
-  def decode_sequences(self, view: QueueView) -> list[Sequence]:
-    groups: dict[int, list[Sequence]] = {}
-    for sequence in view.decoding:
-      groups.setdefault(sequence.budget, []).append(sequence)
-    if not groups:
-      return []
-    # Serve the group holding the row that has waited longest since it last ran.
-    oldest = min(groups.values(), key=lambda group: min(s.last_run_at for s in group))
-    return oldest[:self.config.max_batch]
 
 
 SCHEDULERS: dict[str, type[Scheduler]] = {

@@ -111,17 +111,27 @@ def test_edf_orders_by_deadline_and_groups_by_budget():
   assert second.budgets == (4, 4)
 
 
-def test_edf_decode_serves_longest_waiting_group():
+def test_edf_groups_by_compiled_budget():
+  engine, runner, clock = make_engine("edf")
+  submit(engine, budget=3, deadline=0.1, clock=clock)
+  submit(engine, budget=5, deadline=0.2, clock=clock)
+  submit(engine, budget=4, deadline=0.3, clock=clock)
+  first = engine.step()
+  assert step_ids(first) == [0, 2]  # budgets 3 and 4 both run in the budget-4 program
+  assert first.budgets == (3, 4)
+  assert first.program.budget == 4
+  assert list(runner.calls[-1].budget_B[:2]) == [3, 4]
+
+
+def test_edf_decode_runs_all_rows_at_own_budget():
   engine, _, clock = make_engine("edf")
   submit(engine, budget=4, max_tokens=4, clock=clock)
   submit(engine, budget=6, max_tokens=4, clock=clock)
-  kinds = []
-  for _ in range(6):
-    record = engine.step()
-    kinds.append((record.kind, record.budgets))
-  decode_groups = [budgets for kind, budgets in kinds if kind == "decode"]
-  assert all(len(set(b)) == 1 for b in decode_groups), decode_groups
-  assert decode_groups[:2] in ([(4,), (6,)], [(6,), (4,)]), decode_groups
+  first, second, third = engine.step(), engine.step(), engine.step()
+  assert (first.kind, first.budgets) == ("prefill", (4,))  # no deadlines: arrival order, one budget per step
+  assert (second.kind, second.budgets) == ("prefill", (6,))
+  assert (third.kind, third.budgets) == ("decode", (4, 6))
+  assert third.program.budget == 6
 
 
 def test_edf_skips_rows_that_would_break_a_deadline():
