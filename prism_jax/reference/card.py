@@ -23,19 +23,21 @@ METRICS_FILE = "eval_metrics.json"
 CARD_FILE = "MODEL_CARD.md"
 # Windows of the eval split that tests re-measure; the card also reports the whole split.
 SLICE_WINDOWS = 16
+SHIPPED_EVAL = "prism_jax.reference.data.default_text('eval') split into chapters by blank lines"
 
 
 def eval_stream(tokenizer: Tokenizer) -> np.ndarray:
-  """The shipped eval split as one token stream, each chapter followed by end-of-text."""
+  """Tokenize the shipped eval split into one stream, each chapter followed by end-of-text."""
   return encode_documents(tokenizer, text_data.split_documents(text_data.default_text("eval")))
 
 
 def train_stream(tokenizer: Tokenizer) -> np.ndarray:
+  """Tokenize the shipped training split like `eval_stream`."""
   return encode_documents(tokenizer, text_data.split_documents(text_data.default_text("train")))
 
 
 def slice_windows(tokenizer: Tokenizer, seq_len: int, windows: int = SLICE_WINDOWS) -> np.ndarray:
-  """The fixed eval slice of the metrics file: the first `windows` windows of `eval_stream`."""
+  """Cut the fixed eval slice of the metrics file: the first `windows` windows of `eval_stream`."""
   return eval_windows(eval_stream(tokenizer), seq_len, windows)
 
 
@@ -50,13 +52,13 @@ def parameter_counts(config: ModelConfig, params: dict) -> tuple[int, int]:
   return total, total - inactive
 
 
-def measure(model: PrismModel, seq_len: int) -> dict[str, Any]:
-  """Perplexities (model and unigram) on the eval slice and the whole eval split, and expert load."""
-  tokenizer = model.tokenizer
-  if tokenizer is None:
-    raise ValueError("the model has no tokenizer; measure a checkpoint converted with its tokenizer.json")
-  train = train_stream(tokenizer)
-  evaluation = eval_stream(tokenizer)
+def measure(model: PrismModel, seq_len: int, train: np.ndarray, evaluation: np.ndarray,
+            eval_source: str = SHIPPED_EVAL) -> dict[str, Any]:
+  """Measure perplexities (model and unigram) on the eval slice and the whole eval text, and expert load.
+
+  `train` and `evaluation` are token streams made like `train_stream` and `eval_stream`; the
+  unigram baseline counts tokens of `train`.
+  """
   whole = eval_windows(evaluation, seq_len)
   part = eval_windows(evaluation, seq_len, SLICE_WINDOWS)
   model_whole, model_part = model_perplexity(model, whole), model_perplexity(model, part)
@@ -64,8 +66,8 @@ def measure(model: PrismModel, seq_len: int) -> dict[str, Any]:
   unigram_part = unigram_perplexity(train, part, model.config.vocab_size)
   return {
       "slice": {
-          "text": "prism_jax.reference.data.default_text('eval') split into chapters by blank lines",
-          "tokens": "shipped tokenizer.json, each chapter followed by <|endoftext|>, concatenated",
+          "text": eval_source,
+          "tokens": "the model's tokenizer.json, each chapter followed by <|endoftext|>, concatenated",
           "windows": f"first {SLICE_WINDOWS} windows: window w = tokens[w*{seq_len} : (w+1)*{seq_len} + 1]",
           "seq_len": seq_len,
           "num_windows": SLICE_WINDOWS,
@@ -160,8 +162,8 @@ def write_card(out_dir: Path, config: ModelConfig, params: dict, run: dict[str, 
       f"- loss: next-token cross-entropy + {train['load_balance_weight']:g} x Switch load-balancing loss "
       "(E * sum_e f_e P_e, averaged over layers)",
       f"- tokens seen: {run['tokens_seen']:,} ({epochs:.2f} passes over the training split), seed {train['seed']}",
-      f"- time: {run['train_seconds'] / 60:.1f} minutes of training steps on {run['machine']}, 2 CPU cores "
-      "shared with other jobs (JAX on CPU, float32)",
+      f"- time: {run['train_seconds'] / 60:.1f} minutes of training steps (evaluation and checkpoints not counted) "
+      f"on {run['machine']}; JAX on CPU, float32",
       "",
       "## Results",
       "",
@@ -180,7 +182,8 @@ def write_card(out_dir: Path, config: ModelConfig, params: dict, run: dict[str, 
       "",
       "## Expert load (whole eval split, full budget)",
       "",
-      "Load is balanced across experts overall, while each token's routing is far from uniform:",
+      "Share of each expert in the top-k slots of all tokens (balance), and how peaked each token's router",
+      "distribution is (specialization), against the values of uniform routing:",
       "",
       *_load_table(config, metrics["expert_load"]),
       "",

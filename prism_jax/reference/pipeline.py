@@ -9,14 +9,18 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import platform
 import time
 from pathlib import Path
 
+import jax
 import numpy as np
+from flax import nnx
 from tokenizers import Tokenizer
 
 from prism_jax.config import ModelConfig
+from prism_jax.reference import card
 from prism_jax.reference import data as text_data
 from prism_jax.reference.recipe import TrainConfig, reference_model_config
 from prism_jax.reference.tokenizer import (TOKENIZER_CONFIG_FILE, TOKENIZER_FILE, encode_documents, end_of_text_id,
@@ -26,6 +30,13 @@ from prism_jax.reference.train import TrainResult, train
 logger = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
+# Commands that rebuild the shipped model, listed in its model card.
+REPRODUCE_COMMANDS = [
+    "apt-get install bible-kjv-text                  # only to rebuild the text splits",
+    "prism train-reference --prepare-text            # rewrites prism_jax/data/text/",
+    "prism train-reference --out prism_jax/data/default_model --work runs/reference --overwrite",
+    "prism convert prism_jax/data/default_model /tmp/reference-prism",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +66,7 @@ def prepare_tokenizer(documents: list[str], vocab_size: int, work_dir: Path, max
   if (folder / TOKENIZER_FILE).is_file():
     tokenizer = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
     if tokenizer.get_vocab_size() != vocab_size:
-      raise ValueError(f"{folder} holds a tokenizer of {tokenizer.get_vocab_size()} tokens, but vocab_size is "
+      raise ValueError(f"{folder} contains a tokenizer of {tokenizer.get_vocab_size()} tokens, but vocab_size is "
                        f"{vocab_size}; use another --work directory")
     return tokenizer
   tokenizer = train_tokenizer(documents, vocab_size)
@@ -92,13 +103,15 @@ def run(spec: RunSpec) -> Path:
       "tokens_seen": result.tokens_seen,
       "train_seconds": round(result.train_seconds, 1),
       "final_eval_loss": result.final_eval_loss,
-      "machine": f"{platform.machine()}, {platform.processor() or 'unknown CPU'}",
+      "machine": _machine(),
   }
   (spec.work_dir / RUN_FILE).write_text(json.dumps(record, indent=2) + "\n")
   logger.info("trained %d steps (%d tokens) in %.0f s of step time; eval loss %.4f",
               result.steps, result.tokens_seen, result.train_seconds, result.final_eval_loss)
 
   export_dir = export_model(config, result, spec.work_dir, spec.out_dir)
+  eval_source = card.SHIPPED_EVAL if spec.eval_text is None else f"{spec.eval_text} split by blank lines"
+  write_model_card(export_dir, spec.work_dir, spec.train.seq_len, train_stream, eval_stream, eval_source)
   logger.info("run finished in %.0f s", time.time() - began)
   return export_dir
 
@@ -112,6 +125,40 @@ def export_model(config: ModelConfig, result: TrainResult, work_dir: Path, out_d
   export_params(config, result.params, out_dir, tokenizer_files=tokenizer_files, overwrite=True)
   logger.info("exported the model to %s", out_dir)
   return out_dir
+
+
+def write_model_card(model_dir: Path, work_dir: Path, seq_len: int, train_stream: np.ndarray,
+                     eval_stream: np.ndarray, eval_source: str) -> Path:
+  """Convert the exported model with the converter, measure it, write eval_metrics.json and MODEL_CARD.md.
+
+  Measuring the converted checkpoint, not the in-memory weights, makes the figures the ones a
+  user gets after `prism convert`.
+  """
+  from converters.convert import convert_checkpoint  # pylint: disable=import-outside-toplevel
+
+  from prism_jax.model import load  # pylint: disable=import-outside-toplevel
+
+  converted = convert_checkpoint(model_dir, work_dir / "converted", overwrite=True)
+  model = load(converted)
+  metrics = card.measure(model, seq_len, train_stream, eval_stream, eval_source)
+  card.write_metrics(model_dir, metrics)
+  run_record = json.loads((work_dir / RUN_FILE).read_text())
+  params = jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(model.state))
+  path = card.write_card(model_dir, model.config, params, run_record, metrics, REPRODUCE_COMMANDS)
+  logger.info("eval perplexity %.3f (unigram %.1f); wrote %s", metrics["eval_perplexity"],
+              metrics["eval_unigram_perplexity"], path)
+  return path
+
+
+def _machine() -> str:
+  """CPU model and core count, for the model card."""
+  model = platform.processor() or platform.machine()
+  cpuinfo = Path("/proc/cpuinfo")
+  if cpuinfo.is_file():
+    names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
+             if line.startswith("model name")]
+    model = names[0] if names else model
+  return f"{model}, {os.cpu_count()} CPU cores visible"
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict[str, np.ndarray]:

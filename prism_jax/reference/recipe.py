@@ -11,7 +11,7 @@ SEQ_LEN = 256
 
 
 def reference_model_config(vocab_size: int = VOCAB_SIZE, eos_token_id: int = 0) -> ModelConfig:
-  """A Qwen3-MoE-shaped model: 4 layers, width 128, 16 experts of width 128, top-4.
+  """Build the Qwen3-MoE-shaped reference config: 4 layers, width 128, 16 experts of width 128, top-4.
 
   F = 128 is divisible by 2, 4 and 8, so every such N splits experts evenly.
   """

@@ -2,7 +2,7 @@
 
 The model is the project's own `Decoder`. Each step samples `batch_size` random windows of
 `seq_len + 1` tokens from the training stream; the sampling depends only on (seed, step),
-so a run resumed from a checkpoint sees the same batches as an uninterrupted one.
+so a run resumed from a checkpoint gets the same batches as an uninterrupted one.
 """
 
 from __future__ import annotations
