@@ -3,6 +3,7 @@
 Convert:   convert_checkpoint, plan_conversion (validation only), read_config
 Export:    export_params, export_checkpoint
 Families:  FAMILIES, get_family, Family (one declarative module per model_type in families/)
+Configs:   hf_config (field-by-field reading of config.json), hf_rope (both rope forms)
 Tables:    key_table (our paths <-> Hugging Face keys), transforms (named layout changes)
 Errors:    ConversionError
 """

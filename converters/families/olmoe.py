@@ -12,8 +12,9 @@ from typing import Any
 from prism_jax.config import ModelConfig
 
 from converters.family import Family
-from converters.hf_config import (ConfigFields, read_attention_sizes, read_rope, read_token_ids, require_silu,
-                                  write_attention_sizes, write_rope, write_token_ids)
+from converters.hf_config import (ConfigFields, read_attention_sizes, read_token_ids, require_silu,
+                                  write_attention_sizes, write_token_ids)
+from converters.hf_rope import read_rope, write_rope
 from converters.key_table import FUSED, per_expert_layout
 
 # OlmoeConfig defaults in transformers 5.25, for fields a config.json leaves out.
@@ -34,7 +35,7 @@ def read_config(fields: ConfigFields) -> dict[str, Any]:
   sizes = read_attention_sizes(fields)
   if sizes["head_dim"] * sizes["num_heads"] != sizes["hidden_size"]:
     # OLMoE sizes q_norm by hidden_size and k_norm by hidden_size // heads * kv_heads.
-    raise fields.fail("head_dim", f"must equal hidden_size / num_attention_heads for OLMoE's QK-norm")
+    raise fields.fail("head_dim", "must equal hidden_size / num_attention_heads for OLMoE's QK-norm")
   clip = fields.get("clip_qkv")
   return dict(
       **sizes,

@@ -13,9 +13,10 @@ from prism_jax.config import ModelConfig
 
 from converters.errors import ConversionError
 from converters.family import Family
-from converters.hf_config import (ConfigFields, positive_window, read_attention_sizes, read_moe_layers, read_rope,
-                                  read_token_ids, require_silu, write_attention_sizes, write_moe_layers, write_rope,
+from converters.hf_config import (ConfigFields, positive_window, read_attention_sizes, read_moe_layers,
+                                  read_token_ids, require_silu, write_attention_sizes, write_moe_layers,
                                   write_token_ids)
+from converters.hf_rope import read_rope, write_rope
 from converters.key_table import FUSED, per_expert_layout
 
 # Qwen3MoeConfig defaults in transformers 5.25, for fields a config.json leaves out.

@@ -10,6 +10,7 @@ threads) side by side in this one run.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import math
 import platform
@@ -42,6 +43,7 @@ def rss_child(hf_dir: str, out_dir: str) -> None:
   from converters import convert_checkpoint  # pylint: disable=import-outside-toplevel
 
   convert_checkpoint(hf_dir, out_dir, overwrite=True)
+  gc.collect()
   Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
   baseline = read_status_kib("VmRSS")
   start = time.perf_counter()
