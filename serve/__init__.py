@@ -6,6 +6,7 @@ Requests:   SamplingParams, QoS, RequestHandle, TokenEvent, Completion,
 Engine:     Engine (serve loop), ModelRunner (compiled steps), StepRecord
 Scheduling: make_scheduler, SCHEDULERS, LatencyTable, measure_latency
 HTTP:       create_app, ServerConfig, serve_app, ServeMetrics
+Workloads:  WorkloadConfig, make_workload, replay_realtime, replay_simulated
 """
 
 from serve.config import POLICIES, EngineConfig, Program, bucket_sizes
@@ -19,3 +20,4 @@ from serve.latency import LatencyTable, measure_latency
 from serve.metrics import ServeMetrics
 from serve.app import ServerConfig, create_app
 from serve.server import serve_app
+from serve.workload import WorkloadConfig, make_workload, replay_realtime, replay_simulated

@@ -116,7 +116,7 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServeMetrics | Non
                                headers={"Cache-Control": "no-cache", "X-Request-Id": response_id})
     results = await _wait_all(request, handles, events)
     if results is None:
-      return Response(status_code=499)  # the client left; nobody reads this
+      return Response(status_code=499)  # the client disconnected, so this response is never read
     failed = [c for c in results if c.finish_reason in ("error", "cancelled")]
     if failed:
       status, kind = (500, "server_error") if failed[0].finish_reason == "error" else (503, "service_unavailable")
@@ -206,7 +206,7 @@ def _engine_call(function, *args, **kwargs):
 
 
 def _forwarder(loop: asyncio.AbstractEventLoop, events: asyncio.Queue, index: int, *, tokens: bool):
-  """A listener that hands engine events to the request's event loop (completions only unless `tokens`)."""
+  """Build a listener that queues engine events on the request's event loop (completions only unless `tokens`)."""
   def forward(event) -> None:
     if not tokens and isinstance(event, TokenEvent):
       return

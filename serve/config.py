@@ -52,7 +52,7 @@ def bucket_sizes(maximum: int, linear_step: int, minimum: int = 1) -> tuple[int,
 
 
 def smallest_fitting(sizes: tuple[int, ...], needed: int) -> int:
-  """The smallest size >= `needed`; raises when `needed` exceeds every size."""
+  """Return the smallest size >= `needed`; raise ValueError when `needed` exceeds every size."""
   for size in sizes:
     if size >= needed:
       return size
@@ -152,7 +152,7 @@ class EngineConfig:
     return tuple(sorted(budgets))
 
   def programs(self, full_budget: int, num_sub_experts: int) -> tuple[Program, ...]:
-    """Every (batch bucket, token bucket, budget) program the engine compiles."""
+    """List every (batch bucket, token bucket, budget) program the engine compiles."""
     budgets = self.resolve_budgets(full_budget, num_sub_experts)
     return tuple(Program(b, t, k) for b in self.batch_buckets for t in self.step_token_sizes for k in budgets)
 

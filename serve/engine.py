@@ -21,7 +21,7 @@ from serve.config import EngineConfig, round_to_whole_experts
 from serve.latency import LatencyTable, measure_latency
 from serve.request import (Completion, EngineStopped, InvalidRequest, Listener, QoS, QueueFull, RequestHandle,
                            SamplingParams)
-from serve.runner import ModelRunner, StepRunner, enable_compilation_cache
+from serve.runner import ModelRunner, StepBatch, StepRunner, enable_compilation_cache
 from serve.scheduler import QueueView, StepPlan, make_scheduler
 from serve.sequence import Phase, Sequence
 from serve.step import StepRecord, build_step_batch, finish_completion, process_token
@@ -95,7 +95,7 @@ class Engine:
 
   @classmethod
   def from_model(cls, model, config: EngineConfig = EngineConfig(), **kwargs) -> Engine:
-    """An engine over a `PrismModel`, using its tokenizer unless `tokenizer=` is given."""
+    """Build an engine over a `PrismModel`, using its tokenizer unless `tokenizer=` is given."""
     max_len = config.max_len or model.config.max_position_embeddings
     runner = ModelRunner(model, num_slots=config.max_batch, max_len=max_len)
     kwargs.setdefault("tokenizer", model.tokenizer)
@@ -117,6 +117,11 @@ class Engine:
       if missing:
         logger.warning("latency table lacks %d of %d programs (e.g. %s); interpolating those", len(missing),
                        len(self.programs), missing[0])
+      if isinstance(self.runner, ModelRunner):
+        # Timing would have run each program once; without it, warm them here so that the first
+        # requests do not pay the first-call cost.
+        for program in self.programs:
+          self.runner.run(StepBatch.filler(program))
     elif self.config.profile_repeats > 0:
       self.latency = measure_latency(self.runner, self.programs, repeats=self.config.profile_repeats,
                                      progress=self.progress)
@@ -175,7 +180,7 @@ class Engine:
   # ---- requests ------------------------------------------------------------------------------
 
   def resolve_budget(self, qos: QoS) -> int:
-    """The budget a request runs: its budget, its tier's, or the default; whole experts if so configured."""
+    """Resolve the budget a request runs: its own, its tier's or the default, rounded to whole experts if configured."""
     if qos.quality_tier is not None:
       if qos.quality_tier not in self.tiers:
         raise InvalidRequest("quality_tier", f"unknown quality_tier {qos.quality_tier!r}; expected one of "
@@ -203,7 +208,7 @@ class Engine:
     if bad:
       raise InvalidRequest("prompt", f"token ids {bad[:5]} are outside the vocabulary 0..{self.runner.vocab_size - 1}")
     if len(prompt_ids) >= self.max_len:
-      raise InvalidRequest("prompt", f"the prompt has {len(prompt_ids)} tokens but the context holds {self.max_len} "
+      raise InvalidRequest("prompt", f"the prompt has {len(prompt_ids)} tokens but the context has {self.max_len} "
                            f"positions; shorten it to at most {self.max_len - 1} tokens")
     if len(prompt_ids) + sampling.max_tokens > self.max_len:
       raise InvalidRequest("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
@@ -227,7 +232,7 @@ class Engine:
       if not self._accepting:
         raise EngineStopped("the engine is shutting down and accepts no new requests")
       if self._queued >= self.config.max_queue:
-        raise QueueFull(f"the queue holds {self._queued} waiting requests (max_queue={self.config.max_queue}); "
+        raise QueueFull(f"the queue is full with {self._queued} waiting requests (max_queue={self.config.max_queue}); "
                         "retry later")
       request_id = request_id or f"req-{next(self._ids)}"
       seed = sampling.seed if sampling.seed is not None else int(self._seeds.integers(0, 2**63))

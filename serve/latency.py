@@ -28,9 +28,10 @@ TABLE_FORMAT_VERSION = 1
 class LatencyTable:
   """Median measured seconds of one step per compiled program, plus where it was measured.
 
-  `predict` answers for any (batch, tokens, budget): exact entries first; otherwise it
-  interpolates linearly in batch x tokens among entries of the same budget, and linearly in
-  budget between the two nearest measured budgets. An empty table predicts 0 s.
+  `predict` returns an estimate for any (batch, tokens, budget). It uses the exact entry when
+  one exists. Otherwise it interpolates linearly in batch x tokens among entries of the same
+  budget, then linearly in budget between the two nearest measured budgets. An empty table
+  predicts 0 s.
   """
 
   seconds: dict[Program, float]

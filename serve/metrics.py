@@ -24,6 +24,7 @@ class ServeMetrics:
     r = self.registry
     self.queue_length = Gauge("prism_queue_length", "Requests waiting for a KV-cache slot", registry=r)
     self.running = Gauge("prism_running_requests", "Requests holding a KV-cache slot", registry=r)
+
     self.batch_budget = Gauge("prism_batch_budget", "Compiled budget of the last step", registry=r)
     self.step_budget = Histogram("prism_step_budget", "Compiled (static) budget of each step", registry=r,
                                  buckets=_BUDGET_BUCKETS)
@@ -36,22 +37,26 @@ class ServeMetrics:
     self.predicted_seconds = Counter("prism_step_predicted_seconds", "Sum of step times the latency table predicted",
                                      ["kind"], registry=r)
     self.step_errors = Counter("prism_step_errors", "Model steps that raised", registry=r)
+
     self.ttft = Histogram("prism_time_to_first_token_seconds", "Time from arrival to the first token", registry=r,
                           buckets=_LATENCY_BUCKETS)
     self.tpot = Histogram("prism_time_per_output_token_seconds",
                           "Mean time between output tokens after the first, per request", registry=r,
                           buckets=_LATENCY_BUCKETS)
+
     self.requests = Counter("prism_requests", "Finished requests by finish reason", ["finish_reason"], registry=r)
     self.rejected = Counter("prism_rejected_requests", "Requests rejected before queueing", ["reason"], registry=r)
     self.request_budget = Histogram("prism_request_budget", "Budget requested (after tier resolution)", registry=r,
                                     buckets=_BUDGET_BUCKETS)
     self.prompt_tokens = Counter("prism_prompt_tokens", "Prompt tokens of finished requests", registry=r)
     self.generated_tokens = Counter("prism_generated_tokens", "Tokens generated", registry=r)
+
     self.slo_requests = Counter("prism_slo_requests", "Finished requests that carried a TTFT deadline", registry=r)
     self.slo_met = Counter("prism_slo_met", "Finished requests whose first token met its TTFT deadline", registry=r)
     self.slo_attainment = Gauge("prism_slo_attainment", "Fraction of requests with a TTFT deadline that met it "
                                 "(1 until one finishes)", registry=r)
     self.slo_attainment.set(1.0)
+
     self._lock = threading.Lock()
     self._slo_counts = [0, 0]  # met, total
 
@@ -93,5 +98,5 @@ class ServeMetrics:
     self.running.set(running)
 
   def render(self) -> tuple[bytes, str]:
-    """The exposition text and its content type."""
+    """Render the exposition text; returns (body, content type)."""
     return generate_latest(self.registry), CONTENT_TYPE_LATEST

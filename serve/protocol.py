@@ -22,7 +22,7 @@ MAX_STOP_STRINGS = 4
 
 
 class ApiError(Exception):
-  """An error answered as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
+  """An error sent as {"error": {"message", "type", "param", "code"}} with an HTTP status."""
 
   def __init__(self, status: int, message: str, *, type: str = "invalid_request_error",  # pylint: disable=redefined-builtin
                param: str | None = None, code: str | None = None):
@@ -146,7 +146,7 @@ def stop_strings(request: CompletionRequest) -> list[str]:
 
 
 def split_prompts(request: CompletionRequest) -> list[str | list[int]]:
-  """One entry per choice: a text, or a list of token ids."""
+  """Split the prompt field into one entry per choice: a text or a list of token ids."""
   prompt = request.prompt
   if isinstance(prompt, str):
     return [prompt]

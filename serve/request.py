@@ -1,4 +1,4 @@
-"""What a client submits (sampling parameters, QoS), what it gets back (events, completion), and the handle."""
+"""Request types: sampling parameters and QoS in, token events and a completion out, and the handle."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ class InvalidRequest(EngineError):
 
 
 class QueueFull(EngineError):
-  """The waiting queue holds `max_queue` requests; retry later."""
+  """The waiting queue already contains `max_queue` requests; retry later."""
 
 
 class EngineStopped(EngineError):
@@ -82,8 +82,8 @@ class TokenEvent:
 class Completion:
   """Final state of a request; every accepted request ends with exactly one.
 
-  budget_requested is the request's budget after tier resolution (and whole-expert rounding);
-  budget_run is the largest budget any of its steps ran; budget_run_mean averages over its tokens.
+  budget_requested is the request's budget after tier resolution and whole-expert rounding.
+  budget_run is the largest budget any of its steps ran, and budget_run_mean the mean over its steps.
   ttft_s is None when no token was produced. deadline_met is None when there was no deadline.
   text is the whole completion text (None when the engine has no tokenizer); unstreamed_text is
   its tail that no TokenEvent carried, held back while it could still begin a stop string.
@@ -116,7 +116,8 @@ class RequestHandle:
   """A submitted request: iterate it for events, `result()` for the completion, `cancel()` to stop it.
 
   Events come from the engine thread. A listener, if given, is called on that thread for
-  every event; an exception it raises fails this request only.
+  every event, and an exception it raises fails this request only. With a listener the handle
+  keeps no event backlog, so iterate a handle only when it has none.
   """
 
   def __init__(self, request_id: str, cancel: Callable[[str], None], listener: Listener | None = None):
@@ -132,8 +133,9 @@ class RequestHandle:
     if isinstance(event, Completion):
       self._completion = event
       self._done.set()
-    self._events.put(event)
-    if self._listener is not None:
+    if self._listener is None:
+      self._events.put(event)
+    else:
       self._listener(event)
 
   @property
@@ -154,6 +156,8 @@ class RequestHandle:
 
   def __iter__(self) -> Iterator[Event]:
     """Yield events as they arrive, ending with the Completion."""
+    if self._listener is not None:
+      raise RuntimeError(f"request {self.request_id} sends its events to a listener; use result() instead")
     while True:
       event = self._events.get()
       yield event

@@ -53,7 +53,7 @@ class StepBatch:
 
   @classmethod
   def filler(cls, program: Program) -> StepBatch:
-    """A full, greedy batch of token 0 in slots 0..B-1 at positions 0..T-1 (for warm-up and timing)."""
+    """Build a full, greedy batch of token 0 in slots 0..B-1 at positions 0..T-1 (for warm-up and timing)."""
     b, t = program.batch, program.tokens
     return cls(
         budget=program.budget,
@@ -72,7 +72,7 @@ class StepBatch:
 
 
 class StepRunner(Protocol):
-  """What the engine needs of a model: compile programs and run one step (see ModelRunner)."""
+  """Interface the engine drives: compile programs and run one step (see ModelRunner)."""
 
   full_budget: int
   num_sub_experts: int

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 def row_keys(seed_lo_B: jax.Array, seed_hi_B: jax.Array, counter_B: jax.Array) -> jax.Array:
-  """One PRNG key per row from its request's 64-bit seed and the index of the token being drawn.
+  """Derive one PRNG key per row from its request's 64-bit seed and the index of the token being drawn.
 
   A row's draw depends only on (seed, token index), so a seeded request samples the same
   tokens whatever else shares its batch.

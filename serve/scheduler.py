@@ -1,11 +1,11 @@
 """Scheduling policies: which rows run the next step, in which bucket, at which budget.
 
-Every policy runs prefill first: while some request holds a slot with prompt left to cache,
+Every policy runs prefill first: while some request has a slot but part of its prompt uncached,
 or a waiting request can take a free slot, the step is a prefill step; otherwise all (or
 one group of) decoding rows run one token. The policies differ in admission order and in
 the budget each row runs:
 
-- fcfs: admit in arrival order; the step runs every row at the largest budget it holds.
+- fcfs: admit in arrival order; the step runs every row at the largest budget among its rows.
 - edf: earliest TTFT deadline first (requests without one go last, by arrival), grouped by
   budget: a prefill step contains one compiled budget only, that of the most urgent request,
   and each row runs its own budget inside it (with every budget compiled, one budget per step).
@@ -54,7 +54,7 @@ class StepPlan:
 
 @dataclasses.dataclass(frozen=True)
 class QueueView:
-  """What a policy sees: the clock, sequences by phase (each in arrival order) and free slots."""
+  """Scheduler input: the clock, sequences by phase (each in arrival order) and free slots."""
 
   now: float
   waiting: Seq[Sequence]
@@ -168,7 +168,7 @@ class EdfScheduler(Scheduler):
     return chosen
 
   def _delays_deadline(self, now: float, chosen: list[Sequence], candidate: Sequence) -> bool:
-    """Whether adding `candidate` makes a chosen row that would meet its deadline miss it."""
+    """Return whether adding `candidate` makes a chosen row that would meet its deadline miss it."""
     before = now + self.predict("prefill", chosen)
     after = now + self.predict("prefill", [*chosen, candidate])
     return any(s.deadline is not None and before <= s.deadline < after for s in chosen)

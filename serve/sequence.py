@@ -11,7 +11,7 @@ from serve.text import IncrementalDecoder, StopMatcher
 
 class Phase(enum.Enum):
   WAITING = "waiting"  # queued, no cache slot yet
-  PREFILL = "prefill"  # holds a slot, prompt not fully in the cache
+  PREFILL = "prefill"  # has a slot, prompt not fully in the cache
   DECODE = "decode"  # prompt cached, generating one token per step
 
 
@@ -19,7 +19,7 @@ class Phase(enum.Enum):
 class Sequence:
   """A request's tokens and progress. Owned by the engine thread.
 
-  tokens holds prompt + generated ids; cached counts those already written to the slot's
+  tokens is prompt + generated ids; cached counts those already written to the slot's
   KV cache, so tokens[cached:] are what the next step of this row must feed.
   """
 

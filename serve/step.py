@@ -17,7 +17,7 @@ from serve.sequence import Sequence
 class StepRecord:
   """What one step did, for metrics, logs and tests.
 
-  budgets holds the budget each row ran; program.budget is the compiled static budget.
+  budgets lists the budget each row ran, and program.budget is the compiled static budget.
   measured_s is wall time of the model call; duration_s is the same step on the engine's
   clock (equal unless a test or simulation injects a clock).
   """
@@ -96,7 +96,7 @@ def process_token(sequence: Sequence, token: int, budget: int, now: float, eos_t
 
 
 def finish_completion(sequence: Sequence, reason: str, error: str | None, now: float) -> Completion:
-  """The final record of a request; flushes text held back for stop strings."""
+  """Build the final record of a request, flushing text held back for stop strings."""
   text, unstreamed = None, ""
   if sequence.decoder is not None:
     if reason != "error" and not sequence.stop.stopped:

@@ -23,7 +23,7 @@ TOKENIZER_TEXT = (
 
 
 class ManualClock:
-  """A clock that moves only when told: `clock()` reads it, `advance(seconds)` moves it."""
+  """A clock that moves only by hand: `clock()` reads it, `advance(seconds)` moves it."""
 
   def __init__(self, start: float = 0.0):
     self.now = start
@@ -89,13 +89,13 @@ class StubRunner:
 
 def linear_latency(programs: Sequence[Program], *, base_s: float = 1e-3, per_token_s: float = 1e-4,
                    full_budget: int = 8) -> LatencyTable:
-  """A synthetic table: base + per_token x batch x tokens x (0.5 + 0.5 budget / full budget)."""
+  """Build a synthetic table: base + per_token x batch x tokens x (0.5 + 0.5 budget / full budget)."""
   seconds = {p: base_s + per_token_s * p.batch * p.tokens * (0.5 + 0.5 * p.budget / full_budget) for p in programs}
   return LatencyTable(seconds, {"source": "linear_latency"})
 
 
 def char_tokenizer(vocab_size: int = 128):
-  """A BPE `tokenizers.Tokenizer` over printable ASCII trained in milliseconds; id 0 is '<eos>', 1 '<unk>'."""
+  """Train a BPE `tokenizers.Tokenizer` over printable ASCII in milliseconds; id 0 is '<eos>', 1 '<unk>'."""
   from tokenizers import Tokenizer, decoders, models, trainers  # pylint: disable=import-outside-toplevel
 
   alphabet = list(string.ascii_letters + string.digits + " .,!?'-\n")

@@ -6,7 +6,7 @@ from typing import Protocol, Sequence
 
 
 class Tokenizer(Protocol):
-  """What the engine needs of a tokenizer (a `tokenizers.Tokenizer` fits)."""
+  """Tokenizer interface of the engine (a `tokenizers.Tokenizer` fits)."""
 
   def decode(self, ids: Sequence[int]) -> str:
     ...
@@ -18,8 +18,8 @@ class IncrementalDecoder:
   Decoding each token alone breaks multi-byte characters and the leading-space rules of
   many decoders, and decoding everything each step costs O(n^2). This keeps a short window
   of ids: `prefix` ids already emitted, decoded again only as context. Worked example with a
-  byte-level BPE where "é" is two tokens a, b: push(a) decodes to "\\ufffd" (incomplete), so
-  nothing is emitted; push(b) decodes [a, b] to "é" and emits it.
+  byte-level BPE where "é" is two tokens a, b. push(a) decodes to "\\ufffd" (incomplete), so it
+  emits nothing. push(b) decodes [a, b] to "é" and emits it.
   """
 
   def __init__(self, tokenizer: Tokenizer):

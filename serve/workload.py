@@ -1,8 +1,8 @@
 """Synthetic serving workloads (Poisson arrivals, QoS budgets, TTFT deadlines) and how to replay them.
 
-`replay_realtime` submits on the wall clock to a started engine; `replay_simulated` drives an
+`replay_realtime` submits on the wall clock to a started engine. `replay_simulated` drives an
 unstarted engine over a `StubRunner` in virtual time, where each step costs what the latency
-table predicts, so policies can be compared without noise in seconds.
+table predicts, so policies compare without timing noise.
 """
 
 from __future__ import annotations

@@ -172,7 +172,7 @@ def test_step_failure_fails_only_its_rows():
 def test_host_error_fails_only_that_request(tokenizer):
   bad_id = 50
   engine, _ = make_engine(tokenizer=FailingTokenizer(tokenizer, bad_id))
-  bad = engine.submit([bad_id - 1], SamplingParams(max_tokens=3))  # the stub answers bad_id next
+  bad = engine.submit([bad_id - 1], SamplingParams(max_tokens=3))  # the stub returns bad_id next
   good = engine.submit([5], SamplingParams(max_tokens=3))
   engine.run_until_idle()
   assert bad.result(0).finish_reason == "error"

@@ -12,8 +12,8 @@ from serve.engine import Engine
 from serve.request import QoS, SamplingParams
 from serve.testing import background_server, tiny_served_checkpoint
 
-# One batch bucket and one static budget keep compilation to two programs (decode and a 16-token
-# prefill chunk); budgets below 8 run in the budget-8 program with per-row masks.
+# One batch bucket and one static budget keep compilation to two programs: decode and a 16-token
+# prefill chunk. Budgets below 8 run in the budget-8 program with per-row masks.
 CONFIG = EngineConfig(batch_buckets=(2,), token_buckets=(16,), budgets=(8,), max_len=64, compile_workers=2,
                       profile_repeats=1)
 MAX_NEW = 6

@@ -241,7 +241,7 @@ def test_concurrent_requests_all_answered(server):
     assert response.json()["choices"][0]["token_ids"] == [first + k for k in range(1, 6)]
 
 
-def test_full_queue_answers_429(server):
+def test_full_queue_returns_429(server):
   client, engine, runner = server(config=CONFIG.replace(max_queue=2))
   runner.gate.clear()  # steps block until the gate opens
 
@@ -291,7 +291,7 @@ def test_internal_error_fails_one_request(server, tokenizer):
   bad_id = 40
   client, _, _ = server(tok=FailingTokenizer(tokenizer, bad_id))
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
-    bad = pool.submit(post, client, {"prompt": [bad_id - 1], "max_tokens": 3})  # the stub answers bad_id next
+    bad = pool.submit(post, client, {"prompt": [bad_id - 1], "max_tokens": 3})  # the stub returns bad_id next
     good = pool.submit(post, client, {"prompt": [5], "max_tokens": 3})
     bad, good = bad.result(30), good.result(30)
   assert bad.status_code == 500
@@ -304,7 +304,7 @@ def test_internal_error_fails_one_request(server, tokenizer):
   assert client.get("/health").status_code == 200
 
 
-def test_draining_server_answers_503(server):
+def test_draining_server_returns_503(server):
   client, engine, _ = server()
   engine.stop_accepting()
   response = post(client, {"prompt": "x"})

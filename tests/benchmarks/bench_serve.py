@@ -3,13 +3,16 @@
 Run from the repository root:
   python -m tests.benchmarks.bench_serve [--simulate] [--checkpoint DIR --partition DIR]
 
-Poisson arrivals at several rates replay the same workload on the same engine twice: with the
-budgets the requests ask for (1..N*K), and restricted to whole experts (each budget rounded up
-to a multiple of N, which is what the unsplit model offers). Goodput is requests per second
-whose first token met its deadline; the SLO holds at a rate when at least 90% of requests meet
-it (p90 TTFT within the deadline). Without --checkpoint it builds a small random model (N=4,
-random neuron permutation), so the numbers show the machinery, not a trained model's quality.
---simulate replays in virtual time where each step costs what the latency table predicts.
+The same Poisson workload runs twice on the same engine. The first run uses the budgets the
+requests ask for (1..N*K). The second is restricted to whole experts: each budget is rounded up
+to a multiple of N, which is what the unsplit model offers. A request meets the SLO when its
+first token arrives before its deadline, and a rate meets it when 90% of requests do (p90 TTFT
+within the deadline). Goodput is requests per second that met their deadline.
+
+Part (1) bisects, in virtual time where each step costs what the latency table predicts, the
+highest rate that meets the SLO. Part (2), skipped with --simulate, replays two rates in real
+time. Without --checkpoint the script builds a small random model (N=4, random neuron
+permutation), so the figures show the machinery, not a trained model's behaviour.
 """
 
 from __future__ import annotations
