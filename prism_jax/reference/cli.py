@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 from pathlib import Path
 
 from prism_jax.reference import data as text_data
 from prism_jax.reference.pipeline import RunSpec, run as run_pipeline
 from prism_jax.reference.recipe import VOCAB_SIZE, TrainConfig
 
-logger = logging.getLogger(__name__)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--warmup-steps", type=int, default=defaults.warmup_steps, help="linear warmup steps")
   parser.add_argument("--load-balance-weight", type=float, default=defaults.load_balance_weight,
                       help="weight of the router load-balancing loss")
-  parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between eval losses")
+  parser.add_argument("--eval-every", type=int, default=defaults.eval_every, help="steps between held-out loss evaluations")
   parser.add_argument("--checkpoint-every", type=int, default=defaults.checkpoint_every,
                       help="steps between training checkpoints")
   parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --out directory")

@@ -62,7 +62,7 @@ class Chapter:
 
 
 def split_of(index: int) -> Split:
-  """Split that the chapter at `index` (0-based, in book order) belongs to."""
+  """Return the split of the chapter at `index` (0-based, in book order)."""
   residue = index % SPLIT_PERIOD
   if residue == EVAL_RESIDUE:
     return "eval"
@@ -125,7 +125,7 @@ def join_documents(documents: list[str]) -> str:
 
 
 def split_documents(text: str) -> list[str]:
-  """Documents of a split text: the pieces between blank lines, stripped, empty ones dropped."""
+  """Split a text into documents at blank lines, stripping each and dropping empty ones."""
   return [doc.strip() for doc in re.split(r"\n\s*\n", text) if doc.strip()]
 
 
@@ -162,7 +162,7 @@ def _check_split(split: str) -> None:
 
 @functools.lru_cache(maxsize=None)
 def default_text(split: Split) -> str:
-  """Plain text of one shipped split: "train", "calibration" or "eval"."""
+  """Decompress and return the text of one shipped split: "train", "calibration" or "eval"."""
   _check_split(split)
   path = TEXT_DIR / SPLIT_FILES[split]
   if not path.is_file():
@@ -173,7 +173,7 @@ def default_text(split: Split) -> str:
 
 @functools.lru_cache(maxsize=None)
 def default_text_file(split: Split) -> Path:
-  """Path of a decompressed temporary copy of one shipped split, for tools that read files."""
+  """Write a decompressed temporary copy of one shipped split and return its path, for tools that read files."""
   text = default_text(split)
   folder = Path(tempfile.mkdtemp(prefix="prism-text-"))
   path = folder / f"kjv-{split}.txt"

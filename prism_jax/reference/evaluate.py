@@ -9,7 +9,6 @@ import jax
 import numpy as np
 
 from prism_jax.model import PrismModel
-from prism_jax.reference.train import eval_windows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,7 +50,7 @@ def _windows_in_batches(windows_WT: np.ndarray, batch_size: int):
 
 def model_perplexity(model: PrismModel, windows_WT: np.ndarray, *, budget: int | None = None,
                      batch_size: int = 16) -> Perplexity:
-  """Perplexity of `model` on windows [W, T + 1]: the last T tokens of each window are the targets."""
+  """Measure the perplexity of `model` on windows [W, T + 1]; the last T tokens of each window are the targets."""
   nll_sum, count = 0.0, 0
   for batch in _windows_in_batches(windows_WT, batch_size):
     logits_BTV = model(batch[:, :-1], budget=budget)
@@ -64,7 +63,7 @@ def model_perplexity(model: PrismModel, windows_WT: np.ndarray, *, budget: int |
 
 
 def unigram_perplexity(train_stream: np.ndarray, windows_WT: np.ndarray, vocab_size: int) -> Perplexity:
-  """Perplexity of add-one-smoothed training-token frequencies on the same targets as `model_perplexity`."""
+  """Measure add-one-smoothed training-token frequencies on the same targets as `model_perplexity`."""
   counts_V = np.bincount(train_stream, minlength=vocab_size).astype(np.float64) + 1.0
   log_probs_V = np.log(counts_V / counts_V.sum())
   targets = windows_WT[:, 1:]
@@ -72,7 +71,7 @@ def unigram_perplexity(train_stream: np.ndarray, windows_WT: np.ndarray, vocab_s
 
 
 def expert_load(model: PrismModel, windows_WT: np.ndarray, *, batch_size: int = 16) -> list[LayerLoad]:
-  """Per-MoE-layer routing statistics of the full-budget model on the inputs of `windows_WT`."""
+  """Measure per-MoE-layer routing statistics of the full-budget model on the inputs of `windows_WT`."""
   num_experts = model.config.num_experts
   counts, max_prob, entropy, topk_mass, tokens = None, None, None, None, 0
   for batch in _windows_in_batches(windows_WT, batch_size):

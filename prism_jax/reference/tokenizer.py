@@ -62,7 +62,7 @@ def save_tokenizer(tokenizer: Tokenizer, out_dir: Path, max_length: int) -> list
 
 
 def encode_documents(tokenizer: Tokenizer, documents: list[str]) -> np.ndarray:
-  """Token ids of all documents as one int32 stream, each document followed by end-of-text."""
+  """Encode all documents into one int32 token stream, each document followed by end-of-text."""
   eot = end_of_text_id(tokenizer)
   pieces = []
   for encoding in tokenizer.encode_batch(documents):
