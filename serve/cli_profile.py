@@ -28,7 +28,11 @@ def run(args: argparse.Namespace) -> int:
     print(f"prism profile: {error}", file=sys.stderr)
     return 2
   model = load_model(args)
-  programs = config.programs(model.full_budget, model.num_sub_experts)
+  try:
+    programs = config.programs(model.full_budget, model.num_sub_experts)
+  except ValueError as error:
+    print(f"prism profile: {error}", file=sys.stderr)
+    return 2
   if config.cache_dir() is not None:
     enable_compilation_cache(config.cache_dir())
   runner = ModelRunner(model, num_slots=config.max_batch,

@@ -65,7 +65,11 @@ def run(args: argparse.Namespace) -> int:
     logger.warning("latency table %s was measured on checkpoint %s, not %s; predictions may be off",
                    args.latency_table, latency.meta.get("fingerprint"), model.fingerprint)
   metrics = ServeMetrics()
-  engine = Engine.from_model(model, config, latency=latency, observer=metrics).start()
+  try:
+    engine = Engine.from_model(model, config, latency=latency, observer=metrics).start()
+  except ValueError as error:
+    print(f"prism serve: {error}", file=sys.stderr)
+    return 2
   app = create_app(engine, server_config, metrics)
   try:
     serve_app(app, engine, host=args.host, port=args.port, drain_timeout=args.drain_timeout)

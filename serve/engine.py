@@ -75,7 +75,10 @@ class Engine:
     self.programs = config.programs(self.full_budget, self.num_sub_experts)
     self.latency = latency
     self.scheduler = None
-    self.default_budget = self._check_budget(config.default_budget or self.full_budget, "default_budget")
+    try:
+      self.default_budget = self._check_budget(config.default_budget or self.full_budget, "default_budget")
+    except InvalidRequest as error:
+      raise ValueError(f"invalid EngineConfig: {error}") from None
 
     self._lock = threading.Lock()
     self._wakeup = threading.Condition(self._lock)

@@ -240,3 +240,8 @@ def test_idle_thread_does_not_spin():
   time.sleep(0.2)
   assert engine.stats().steps == 0
   engine.stop()
+
+
+def test_engine_rejects_bad_default_budget():
+  with pytest.raises(ValueError, match="default_budget"):
+    make_engine(CONFIG.replace(default_budget=99))
