@@ -1,0 +1,146 @@
+"""The fast tier: a preallocated pool of cache slots shared by every MoE layer.
+
+The pool is three device arrays, gate and up [R, D, F/N] and down [R, F/N, D], with R =
+capacity x groups per unit. A unit in slot s occupies rows s*u .. s*u + u - 1 (u = 1 for
+sub-experts, N for whole experts), so group g of a resident unit is row
+slot(unit(g)) * u + g % u. The expert FFN reads those rows directly; nothing else of the
+expert weights is on the device.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from typing import Callable, Hashable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from serve.offload.memory import MemoryPlan
+from serve.offload.policy import PolicyName, make_policy
+from serve.offload.tier import UnitData
+
+logger = logging.getLogger(__name__)
+
+
+@functools.partial(jax.jit, donate_argnums=(0, 1, 2))
+def _write_rows(gate_RDW, up_RDW, down_RWD, rows_m, gate_mDW, up_mDW, down_mWD):
+  # Rows past the pool (padding) are dropped, so the update happens in place on donated buffers.
+  return (gate_RDW.at[rows_m].set(gate_mDW, mode="drop"), up_RDW.at[rows_m].set(up_mDW, mode="drop"),
+          down_RWD.at[rows_m].set(down_mWD, mode="drop"))
+
+
+def _pad_rows(array, size: int):
+  extra = size - array.shape[0]
+  if extra == 0:
+    return array
+  if isinstance(array, np.ndarray):
+    return np.concatenate([array, np.zeros((extra, *array.shape[1:]), array.dtype)])
+  return jnp.concatenate([array, jnp.zeros((extra, *array.shape[1:]), array.dtype)])
+
+
+class SlotCache:
+  """Which (layer, unit) sits in which slot, the pool arrays, and the eviction policy."""
+
+  def __init__(self, plan: MemoryPlan, layers: tuple[int, ...], *, hidden_size: int, width: int, dtype,
+               policy: PolicyName = "lru"):
+    self.plan = plan
+    self.capacity, self.unit_groups = plan.capacity, plan.unit_groups
+    self.policy_name = policy
+    self.policy = make_policy(policy)
+    rows = self.capacity * self.unit_groups
+    # Uncommitted arrays on the default device, like the rest of the model: committed ones
+    # would give every jitted step a second compiled variant.
+    zeros = lambda shape: jnp.zeros(shape, dtype)
+    self.gate_RDW = zeros((rows, hidden_size, width))
+    self.up_RDW = zeros((rows, hidden_size, width))
+    self.down_RWD = zeros((rows, width, hidden_size))
+    self._slot_of: dict[Hashable, int] = {}
+    self._free = list(range(self.capacity - 1, -1, -1))
+    self._slot_LU = {layer: np.full(plan.units_per_layer, -1, np.int64) for layer in layers}
+    logger.info("expert cache: %d %s slots (%.1f MiB of %.1f MiB of expert weights), policy %s", self.capacity,
+                plan.unit_name, plan.held_bytes / 2**20, plan.total_bytes / 2**20, policy)
+
+  # ---- lookups ------------------------------------------------------------------------------
+
+  def slots(self, layer: int, units: np.ndarray) -> np.ndarray:
+    """Slot of each unit, -1 where it is not resident."""
+    return self._slot_LU[layer][np.asarray(units, np.int64)]
+
+  def resident_mask(self, layer: int, units: np.ndarray) -> np.ndarray:
+    return self.slots(layer, units) >= 0
+
+  def group_rows(self, layer: int, groups: np.ndarray) -> np.ndarray:
+    """Pool row of each group of a resident unit; raises if a unit is not resident."""
+    groups = np.asarray(groups, np.int64)
+    slots = self._slot_LU[layer][groups // self.unit_groups]
+    if np.any(slots < 0):
+      missing = sorted(set((groups[slots < 0] // self.unit_groups).tolist()))
+      raise RuntimeError(f"layer {layer}: units {missing[:8]} are not resident; load them before computing")
+    return slots * self.unit_groups + groups % self.unit_groups
+
+  def num_resident(self) -> int:
+    return len(self._slot_of)
+
+  def bytes_held(self) -> int:
+    """Bytes of the pool arrays: the fast memory the expert weights occupy."""
+    return int(self.gate_RDW.nbytes + self.up_RDW.nbytes + self.down_RWD.nbytes)
+
+  # ---- updates --------------------------------------------------------------------------------
+
+  def ensure(self, layer: int, units: np.ndarray,
+             read: Callable[[int, np.ndarray], UnitData]) -> tuple[np.ndarray, np.ndarray]:
+    """Make `units` of `layer` resident; returns (hit units, missed units).
+
+    Misses are read with `read(layer, misses)` before anything changes, so a failed read
+    leaves the cache as it was (hits are still counted as used). Eviction never removes one
+    of `units`, so at most `capacity` distinct units fit in one call.
+    """
+    units = np.unique(np.asarray(units, np.int64))
+    if len(units) > self.capacity:
+      raise ValueError(f"layer {layer} needs {len(units)} units at once but the cache holds {self.capacity}; "
+                       "split the work into waves of at most the capacity")
+    resident = self.resident_mask(layer, units)
+    hits, misses = units[resident], units[~resident]
+    for unit in hits.tolist():
+      self.policy.touch((layer, unit))
+    if len(misses):
+      data = read(layer, misses)
+      self.insert(layer, data, protected=units)
+    return hits, misses
+
+  def insert(self, layer: int, data: UnitData, *, protected: np.ndarray = ()) -> None:
+    """Write the units of `data` into free or evicted slots (never evicting `protected` units)."""
+    units = [int(u) for u in data.units]
+    shortfall = len(units) - len(self._free)
+    if shortfall > 0:
+      keep = {(layer, int(u)) for u in np.asarray(protected).tolist()} | {(layer, u) for u in units}
+      for key in self.policy.evict(shortfall, keep):
+        slot = self._slot_of.pop(key)
+        self._slot_LU[key[0]][key[1]] = -1
+        self._free.append(slot)
+    slots = np.asarray([self._free.pop() for _ in units], np.int64)
+    rows = (slots[:, None] * self.unit_groups + np.arange(self.unit_groups)[None, :]).reshape(-1)
+    size = 1 << max(len(rows) - 1, 0).bit_length()  # pad to a power of two: few compiled shapes
+    rows_m = np.full(size, self.gate_RDW.shape[0], np.int32)
+    rows_m[:len(rows)] = rows
+    parts = [_pad_rows(a, size) for a in (data.gate_mDW, data.up_mDW, data.down_mWD)]
+    try:
+      self.gate_RDW, self.up_RDW, self.down_RWD = _write_rows(self.gate_RDW, self.up_RDW, self.down_RWD, rows_m,
+                                                               *parts)
+    except Exception:
+      self._free.extend(slots.tolist())
+      raise
+    for unit, slot in zip(units, slots.tolist()):
+      self._slot_of[(layer, unit)] = slot
+      self._slot_LU[layer][unit] = slot
+      self.policy.admit((layer, unit))
+
+  def clear(self) -> None:
+    """Forget every resident unit (the pool keeps its size); the policy starts afresh."""
+    self._slot_of.clear()
+    self._free = list(range(self.capacity - 1, -1, -1))
+    for table in self._slot_LU.values():
+      table.fill(-1)
+    self.policy = make_policy(self.policy_name)

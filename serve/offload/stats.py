@@ -1,0 +1,122 @@
+"""What offloading did: per-step records and running totals.
+
+A hit or miss counts one unit (a sub-expert, or a whole expert at expert granularity) that
+one MoE layer needed in one step, however many tokens used it. Sub-expert counts are summed
+over tokens and MoE layers, so `sub_experts_per_token` is per token per MoE layer, the same
+unit as the budget.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+@dataclasses.dataclass(frozen=True)
+class StepStats:
+  """One forward call in offload mode.
+
+  tokens: valid (non-padding) tokens. requested / run: candidate sub-experts of the budget
+  and those that ran, summed over tokens and MoE layers. mass_requested / mass_run: their
+  routing mass. min_run_per_token: the fewest sub-experts any token ran in any MoE layer.
+  bytes_fetched: bytes copied from the slow tier into the cache. prefetched: misses whose
+  data the prefetcher had already read; prefetch_wasted_bytes: bytes it read that no layer
+  used. stall_s: time the forward waited for expert data (reads, waits on the prefetcher and
+  cache writes). waves: extra passes over MoE layers whose units did not fit the cache at once
+  (0 when every layer fit).
+  seconds: wall time of the call. error: why the step failed, or None.
+  """
+
+  tokens: int = 0
+  moe_layers: int = 0
+  requested: int = 0
+  run: int = 0
+  min_run_per_token: int = 0
+  mass_requested: float = 0.0
+  mass_run: float = 0.0
+  hits: int = 0
+  misses: int = 0
+  bytes_fetched: int = 0
+  prefetched: int = 0
+  prefetch_wasted_bytes: int = 0
+  stall_s: float = 0.0
+  waves: int = 0
+  seconds: float = 0.0
+  error: str | None = None
+
+  @property
+  def hit_rate(self) -> float:
+    accesses = self.hits + self.misses
+    return self.hits / accesses if accesses else 1.0
+
+  @property
+  def sub_experts_per_token(self) -> float:
+    """Sub-experts run per token per MoE layer."""
+    return self.run / max(self.tokens * self.moe_layers, 1)
+
+  @property
+  def mass_coverage(self) -> float:
+    """Fraction of the candidates' routing mass that ran."""
+    return self.mass_run / self.mass_requested if self.mass_requested > 0 else 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class OffloadStats:
+  """Totals over every step since the model was built or `reset_stats` was called."""
+
+  steps: int = 0
+  failed_steps: int = 0
+  tokens: int = 0
+  requested: int = 0
+  run: int = 0
+  moe_token_layers: int = 0
+  mass_requested: float = 0.0
+  mass_run: float = 0.0
+  hits: int = 0
+  misses: int = 0
+  bytes_fetched: int = 0
+  prefetched: int = 0
+  prefetch_wasted_bytes: int = 0
+  stall_s: float = 0.0
+  seconds: float = 0.0
+
+  def add(self, step: StepStats) -> OffloadStats:
+    return dataclasses.replace(
+        self,
+        steps=self.steps + 1,
+        failed_steps=self.failed_steps + (step.error is not None),
+        tokens=self.tokens + step.tokens,
+        requested=self.requested + step.requested,
+        run=self.run + step.run,
+        moe_token_layers=self.moe_token_layers + step.tokens * step.moe_layers,
+        mass_requested=self.mass_requested + step.mass_requested,
+        mass_run=self.mass_run + step.mass_run,
+        hits=self.hits + step.hits,
+        misses=self.misses + step.misses,
+        bytes_fetched=self.bytes_fetched + step.bytes_fetched,
+        prefetched=self.prefetched + step.prefetched,
+        prefetch_wasted_bytes=self.prefetch_wasted_bytes + step.prefetch_wasted_bytes,
+        stall_s=self.stall_s + step.stall_s,
+        seconds=self.seconds + step.seconds,
+    )
+
+  @property
+  def hit_rate(self) -> float:
+    accesses = self.hits + self.misses
+    return self.hits / accesses if accesses else 1.0
+
+  @property
+  def stall_s_per_token(self) -> float:
+    return self.stall_s / max(self.tokens, 1)
+
+  @property
+  def bytes_per_token(self) -> float:
+    return self.bytes_fetched / max(self.tokens, 1)
+
+  @property
+  def sub_experts_per_token(self) -> float:
+    """Sub-experts run per token per MoE layer."""
+    return self.run / max(self.moe_token_layers, 1)
+
+  @property
+  def mass_coverage(self) -> float:
+    return self.mass_run / self.mass_requested if self.mass_requested > 0 else 1.0
