@@ -67,7 +67,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--latency-table", type=Path, help="reuse a table from `prism profile` instead of timing")
   parser.add_argument("--policies", default="fcfs,edf,throughput,per_row", help="comma-separated policies")
   parser.add_argument("--rates", default=None,
-                      help="real-time arrival rates in requests/s, comma-separated (default: 0.5 and 1.0 x the "
+                      help="real-time arrival rates in requests/s, comma-separated (default: 0.8 and 1.2 x the "
                       "simulated knee of the first policy with whole experts)")
   parser.add_argument("--duration", type=float, default=4.0, help="seconds of arrivals per run (default 4)")
   parser.add_argument("--slo-scale", type=float, default=4.0,
@@ -154,7 +154,7 @@ def run(args: argparse.Namespace, model) -> None:
     rates = [float(r) for r in args.rates.split(",")]
   else:
     reference = knees[(policies[0], True)]
-    rates = [round(reference * f, 1) for f in (0.5, 1.0)]
+    rates = [round(reference * f, 1) for f in (0.8, 1.2)]
   realtime_table(args, model, runner, base, latency, workload, policies, rates)
 
 
