@@ -172,7 +172,8 @@ def test_bucket_choice_and_chunked_prefill():
   engine, runner, clock = make_engine("fcfs")
   submit(engine, prompt_len=20, max_tokens=1, clock=clock)
   first = engine.step()
-  assert first.program.tokens == 16 and first.program.batch == 1
+  assert first.program.tokens == 16
+  assert first.program.batch == 1
   assert list(runner.calls[-1].positions_BT[0]) == list(range(16))
   second = engine.step()
   assert second.program.tokens == 4

@@ -60,7 +60,7 @@ def start_server(checkpoint, partition, cache):
     if not line and process.poll() is not None:
       break
   process.kill()
-  raise AssertionError(f"server did not start: {process.stderr.read()[-3000:]}")
+  raise AssertionError(f"server failed to start within 180 s: {process.stderr.read()[-3000:]}")
 
 
 def test_sigterm_drains_in_flight_requests(served):
