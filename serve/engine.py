@@ -17,7 +17,8 @@ from typing import Callable, Protocol, Sequence as Seq
 
 import numpy as np
 
-from serve.config import EngineConfig, round_to_whole_experts
+from serve.admission import Admission
+from serve.config import EngineConfig
 from serve.latency import LatencyTable, measure_latency
 from serve.request import (Completion, EngineStopped, InvalidRequest, Listener, QoS, QueueFull, RequestHandle,
                            SamplingParams)
@@ -75,10 +76,13 @@ class Engine:
     self.programs = config.programs(self.full_budget, self.num_sub_experts)
     self.latency = latency
     self.scheduler = None
+    admission = Admission(self.full_budget, self.num_sub_experts, self.tiers, self.max_len, runner.vocab_size,
+                          tokenizer is not None, config.whole_experts, self.full_budget)
     try:
-      self.default_budget = self._check_budget(config.default_budget or self.full_budget, "default_budget")
+      default_budget = admission.check_budget(config.default_budget or self.full_budget, "default_budget")
     except InvalidRequest as error:
       raise ValueError(f"invalid EngineConfig: {error}") from None
+    self.admission = dataclasses.replace(admission, default_budget=default_budget)
 
     self._lock = threading.Lock()
     self._wakeup = threading.Condition(self._lock)
@@ -183,42 +187,12 @@ class Engine:
   # ---- requests ------------------------------------------------------------------------------
 
   def resolve_budget(self, qos: QoS) -> int:
-    """Resolve the budget a request runs: its own, its tier's or the default, rounded to whole experts if configured."""
-    if qos.quality_tier is not None:
-      if qos.quality_tier not in self.tiers:
-        raise InvalidRequest("quality_tier", f"unknown quality_tier {qos.quality_tier!r}; expected one of "
-                             f"{', '.join(self.tiers)}")
-      budget = self.tiers[qos.quality_tier]
-    elif qos.budget is not None:
-      budget = self._check_budget(qos.budget, "budget")
-    else:
-      budget = self.default_budget
-    if self.config.whole_experts:
-      budget = round_to_whole_experts(budget, self.num_sub_experts)
-    return budget
-
-  def _check_budget(self, budget: object, field: str) -> int:
-    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or not 1 <= budget <= self.full_budget:
-      raise InvalidRequest(field, f"{field} must be an integer in 1..{self.full_budget} (N={self.num_sub_experts} "
-                           f"sub-experts x K={self.full_budget // self.num_sub_experts} experts), got {budget!r}")
-    return int(budget)
+    """Resolve the budget a request runs (see `Admission.resolve_budget`)."""
+    return self.admission.resolve_budget(qos)
 
   def check_request(self, prompt_ids: Seq[int], sampling: SamplingParams) -> None:
     """Raise InvalidRequest naming the field when the prompt or max_tokens cannot be served."""
-    if len(prompt_ids) == 0:
-      raise InvalidRequest("prompt", "the prompt is empty; give at least one token")
-    bad = [t for t in prompt_ids if not 0 <= t < self.runner.vocab_size]
-    if bad:
-      raise InvalidRequest("prompt", f"token ids {bad[:5]} are outside the vocabulary 0..{self.runner.vocab_size - 1}")
-    if len(prompt_ids) >= self.max_len:
-      raise InvalidRequest("prompt", f"the prompt has {len(prompt_ids)} tokens but the context has {self.max_len} "
-                           f"positions; shorten it to at most {self.max_len - 1} tokens")
-    if len(prompt_ids) + sampling.max_tokens > self.max_len:
-      raise InvalidRequest("max_tokens", f"prompt ({len(prompt_ids)} tokens) + max_tokens ({sampling.max_tokens}) "
-                           f"exceeds the context of {self.max_len} positions; set max_tokens <= "
-                           f"{self.max_len - len(prompt_ids)}")
-    if sampling.stop and self.tokenizer is None:
-      raise InvalidRequest("stop", "stop strings need a tokenizer, and this engine has none")
+    self.admission.check_request(prompt_ids, sampling)
 
   def submit(self, prompt_ids: Seq[int], sampling: SamplingParams = SamplingParams(), qos: QoS = QoS(), *,
              request_id: str | None = None, listener: Listener | None = None,
