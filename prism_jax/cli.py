@@ -42,7 +42,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str]]]
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
   commands = _available()
   for name, (_, help_text) in commands.items():
-    subparsers.add_parser(name, help=help_text, description=help_text)
+    # No -h on the stub: `prism NAME --help` must reach the subcommand's own parser below.
+    subparsers.add_parser(name, help=help_text, description=help_text, add_help=False)
   return parser, commands
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
   module.add_arguments(sub)
   args = sub.parse_args(argv[argv.index(known.command) + 1:])
   logging.basicConfig(level=logging.DEBUG if known.verbose else logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
   import jax  # pylint: disable=import-outside-toplevel
 
   logging.getLogger("prism").info("prism-jax %s, jax %s, devices %s", prism_jax.__version__, jax.__version__,
