@@ -128,7 +128,7 @@ def speed_figures(reference, ckpt_dir: Path, prefill_tokens: int, prompt: int, d
   ours_decode()  # compiles the prompt and step programs
   ours_decode_rate = batch * decode_steps / float(np.median([ours_decode() for _ in range(repeats)]))
 
-  # 2 threads is the comparison asked for; 1 thread shows how much of the reference's time is
+  # The comparison is specified at 2 threads. 1 thread shows how much of the reference's time is
   # thread synchronization, which grows when other processes share the cores.
   reference_rates = {}
   for threads in (2, 1):
