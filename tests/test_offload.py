@@ -88,8 +88,8 @@ def test_offload_memory_stays_within_budget(model, batches, tmp_path, granularit
   try:
     for tokens in batches:
       offload.forward(tokens, **call_kwargs(model))
-      held = sum(size for key, size in expert_arrays_alive().items() if key not in before)
-      assert held <= budget_bytes, f"{held} bytes of expert weights alive, budget {budget_bytes}"
+      alive = sum(size for key, size in expert_arrays_alive().items() if key not in before)
+      assert alive <= budget_bytes, f"{alive} bytes of expert weights alive, budget {budget_bytes}"
       assert offload.cache.bytes_held() <= budget_bytes
       assert offload.cache.num_resident() <= offload.plan.capacity
   finally:

@@ -96,8 +96,9 @@ def test_lru_trace():
 
 def test_lfu_trace():
   _, outcomes = run_trace("lfu", TRACE)
-  # Counts before [3]: 0:3, 1:2, 2:1, so 2 goes; 2 returns (count 2, kept across eviction) and
-  # evicts 3 (count 1); the last [3] misses and evicts 1 (count 2, older than 2's last use).
+  # Counts before [3] are 0:3, 1:2, 2:1, so 2 goes. Unit 2 returns with count 2 (kept across
+  # eviction) and evicts 3 (count 1). The last [3] misses and evicts 1: both 1 and 2 have
+  # count 2, and 1 was used less recently.
   assert outcomes == [([], [0, 1]), ([], [2]), ([0], []), ([0], []), ([1], []), ([], [3]), ([], [2]), ([], [3])]
 
 

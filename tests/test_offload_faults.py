@@ -36,7 +36,8 @@ def offload(model, tmp_path):
 def check_matches(model, offload, tokens):
   kwargs = call_kwargs(model)
   valid = kwargs["valid_BT"]
-  error = max_abs(offload.forward(tokens, **kwargs).logits_BTV[valid], model.forward(tokens, **kwargs).logits_BTV[valid])
+  got = offload.forward(tokens, **kwargs).logits_BTV[valid]
+  error = max_abs(got, model.forward(tokens, **kwargs).logits_BTV[valid])
   assert error <= TOLERANCE, f"max abs error {error:.2e}"
 
 

@@ -1,4 +1,4 @@
-"""Shared pieces of the offload tests (this module holds no tests): a tiny model, one call signature.
+"""Shared pieces of the offload tests (this module has no tests): a tiny model, one call signature.
 
 Every offload test calls the model with the same shapes and static budget (`call_kwargs`),
 so the per-layer programs compile once for the whole suite.

@@ -3,8 +3,8 @@
 The pool is three device arrays, gate and up [R, D, F/N] and down [R, F/N, D], with R =
 capacity x groups per unit. A unit in slot s occupies rows s*u .. s*u + u - 1 (u = 1 for
 sub-experts, N for whole experts), so group g of a resident unit is row
-slot(unit(g)) * u + g % u. The expert FFN reads those rows directly; nothing else of the
-expert weights is on the device.
+slot(unit(g)) * u + g % u. The expert FFN reads those rows directly; apart from transfers
+in flight, no other expert weights are on the device.
 """
 
 from __future__ import annotations
@@ -26,22 +26,12 @@ logger = logging.getLogger(__name__)
 
 @functools.partial(jax.jit, donate_argnums=(0, 1, 2))
 def _write_rows(gate_RDW, up_RDW, down_RWD, rows_m, gate_mDW, up_mDW, down_mWD):
-  # Rows past the pool (padding) are dropped, so the update happens in place on donated buffers.
-  return (gate_RDW.at[rows_m].set(gate_mDW, mode="drop"), up_RDW.at[rows_m].set(up_mDW, mode="drop"),
-          down_RWD.at[rows_m].set(down_mWD, mode="drop"))
-
-
-def _pad_rows(array, size: int):
-  extra = size - array.shape[0]
-  if extra == 0:
-    return array
-  if isinstance(array, np.ndarray):
-    return np.concatenate([array, np.zeros((extra, *array.shape[1:]), array.dtype)])
-  return jnp.concatenate([array, jnp.zeros((extra, *array.shape[1:]), array.dtype)])
+  # The buffers are donated, so the update happens in place.
+  return (gate_RDW.at[rows_m].set(gate_mDW), up_RDW.at[rows_m].set(up_mDW), down_RWD.at[rows_m].set(down_mWD))
 
 
 class SlotCache:
-  """Which (layer, unit) sits in which slot, the pool arrays, and the eviction policy."""
+  """Slot table of (layer, unit) keys, the pool arrays, and the eviction policy."""
 
   def __init__(self, plan: MemoryPlan, layers: tuple[int, ...], *, hidden_size: int, width: int, dtype,
                policy: PolicyName = "lru"):
@@ -90,7 +80,7 @@ class SlotCache:
   # ---- updates --------------------------------------------------------------------------------
 
   def ensure(self, layer: int, units: np.ndarray,
-             read: Callable[[int, np.ndarray], UnitData]) -> tuple[np.ndarray, np.ndarray]:
+             read: Callable[[int, np.ndarray], UnitData | list[UnitData]]) -> tuple[np.ndarray, np.ndarray]:
     """Make `units` of `layer` resident; returns (hit units, missed units).
 
     Misses are read with `read(layer, misses)` before anything changes, so a failed read
@@ -99,20 +89,25 @@ class SlotCache:
     """
     units = np.unique(np.asarray(units, np.int64))
     if len(units) > self.capacity:
-      raise ValueError(f"layer {layer} needs {len(units)} units at once but the cache holds {self.capacity}; "
+      raise ValueError(f"layer {layer} needs {len(units)} units at once but the cache capacity is {self.capacity}; "
                        "split the work into waves of at most the capacity")
     resident = self.resident_mask(layer, units)
     hits, misses = units[resident], units[~resident]
     for unit in hits.tolist():
       self.policy.touch((layer, unit))
     if len(misses):
-      data = read(layer, misses)
-      self.insert(layer, data, protected=units)
+      self.insert(layer, read(layer, misses), protected=units)
     return hits, misses
 
-  def insert(self, layer: int, data: UnitData, *, protected: np.ndarray = ()) -> None:
-    """Write the units of `data` into free or evicted slots (never evicting `protected` units)."""
-    units = [int(u) for u in data.units]
+  def insert(self, layer: int, data: UnitData | list[UnitData], *, protected: np.ndarray = ()) -> None:
+    """Write the units of `data` into free or evicted slots (never evicting `protected` units).
+
+    Slots are assigned and units admitted to the policy in ascending unit order, whatever the
+    order or split of `data`. So whether data came from a prefetch or a direct read changes
+    neither the slot a unit gets nor what is evicted later.
+    """
+    parts = [data] if isinstance(data, UnitData) else list(data)
+    units = sorted(int(u) for part in parts for u in part.units)
     shortfall = len(units) - len(self._free)
     if shortfall > 0:
       keep = {(layer, int(u)) for u in np.asarray(protected).tolist()} | {(layer, u) for u in units}
@@ -120,22 +115,30 @@ class SlotCache:
         slot = self._slot_of.pop(key)
         self._slot_LU[key[0]][key[1]] = -1
         self._free.append(slot)
-    slots = np.asarray([self._free.pop() for _ in units], np.int64)
-    rows = (slots[:, None] * self.unit_groups + np.arange(self.unit_groups)[None, :]).reshape(-1)
-    size = 1 << max(len(rows) - 1, 0).bit_length()  # pad to a power of two: few compiled shapes
-    rows_m = np.full(size, self.gate_RDW.shape[0], np.int32)
-    rows_m[:len(rows)] = rows
-    parts = [_pad_rows(a, size) for a in (data.gate_mDW, data.up_mDW, data.down_mWD)]
+    slot_of = {unit: self._free.pop() for unit in units}
     try:
-      self.gate_RDW, self.up_RDW, self.down_RWD = _write_rows(self.gate_RDW, self.up_RDW, self.down_RWD, rows_m,
-                                                               *parts)
+      for part in parts:
+        slots = np.asarray([slot_of[int(u)] for u in part.units], np.int64)
+        self._write(slots, part)
     except Exception:
-      self._free.extend(slots.tolist())
+      self._free.extend(slot_of.values())
       raise
-    for unit, slot in zip(units, slots.tolist()):
-      self._slot_of[(layer, unit)] = slot
-      self._slot_LU[layer][unit] = slot
+    for unit in units:
+      self._slot_of[(layer, unit)] = slot_of[unit]
+      self._slot_LU[layer][unit] = slot_of[unit]
       self.policy.admit((layer, unit))
+
+  def _write(self, slots: np.ndarray, part: UnitData) -> None:
+    """Copy a part's rows into the pool in power-of-two chunks (few compiled shapes, no padding copy)."""
+    rows = (slots[:, None] * self.unit_groups + np.arange(self.unit_groups)[None, :]).reshape(-1).astype(np.int32)
+    start = 0
+    while start < len(rows):
+      size = 1 << ((len(rows) - start).bit_length() - 1)  # the largest power of two that fits
+      chunk = slice(start, start + size)
+      self.gate_RDW, self.up_RDW, self.down_RWD = _write_rows(
+          self.gate_RDW, self.up_RDW, self.down_RWD, rows[chunk], part.gate_mDW[chunk], part.up_mDW[chunk],
+          part.down_mWD[chunk])
+      start += size
 
   def clear(self) -> None:
     """Forget every resident unit (the pool keeps its size); the policy starts afresh."""

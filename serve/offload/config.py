@@ -14,7 +14,7 @@ TierKind = Literal["auto", "disk", "host"]
 
 @dataclasses.dataclass(frozen=True)
 class OffloadConfig:
-  """How expert weights are split between the fast tier (a cache) and the slow tier.
+  """Settings that split expert weights between the fast tier (a cache) and the slow tier.
 
   expert_memory: fast memory for expert weights: a fraction (0.25), a percentage ('25%'),
     a size ('512MB', '1GiB') or an int of bytes. Non-expert weights are always resident.

@@ -5,9 +5,9 @@ An offload directory holds, per MoE layer, `layer_LLL_gate.npy` and `layer_LLL_u
 `offload.json` (written last) with the shapes and a digest of the weights' source. bfloat16
 weights are stored as their uint16 bit patterns, because .npy has no bfloat16 type.
 
-Every read first checks that the file still exists with its expected size, and re-maps it
-when it was replaced, so a removed or truncated file fails that read with `SlowTierError`
-and a restored file works again on the next read.
+Every read first checks that the file still exists with its expected size and re-maps it
+when it was replaced. A removed or truncated file therefore fails that read with
+`SlowTierError`, and a restored file works again on the next read.
 """
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ def layer_file(layer: int, part: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class OffloadManifest:
-  """What an offload directory holds; `digest` identifies the weights and partition it came from."""
+  """Contents of an offload directory; `digest` identifies the weights and partition they came from."""
 
   digest: str
   dtype: str
@@ -63,7 +63,7 @@ class OffloadManifest:
 
   @classmethod
   def read(cls, directory: Path) -> OffloadManifest | None:
-    """The directory's manifest, or None when it has none or one in another format."""
+    """Read the directory's manifest; return None when it is missing or in another format."""
     path = directory / MANIFEST
     try:
       data = json.loads(path.read_text())
@@ -82,8 +82,8 @@ def prepare_offload_dir(directory: str | os.PathLike, manifest: OffloadManifest,
                         progress: bool = False) -> Path:
   """Write every MoE layer's (gate, up, down) from `source(layer)` unless the directory already matches.
 
-  An existing directory is reused when its manifest equals `manifest`, rewritten when it is an
-  offload directory of other weights, and rejected when it holds anything else.
+  An existing directory is reused when its manifest equals `manifest` and rewritten when it is
+  an offload directory of other weights. A directory with any other contents is rejected.
   """
   directory = Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -114,7 +114,7 @@ def prepare_offload_dir(directory: str | os.PathLike, manifest: OffloadManifest,
 
 
 class _MappedFile:
-  """One .npy file mapped read-only, re-validated before every use."""
+  """A .npy file mapped read-only and validated again before every use."""
 
   def __init__(self, path: Path, shape: tuple[int, ...], dtype: np.dtype):
     self.path, self.shape, self.dtype = path, shape, dtype
@@ -146,7 +146,7 @@ class _MappedFile:
       raise SlowTierError(f"cannot map offload file {self.path}: {error}; restore it or rebuild the offload "
                           "directory, then retry") from error
     if array.shape != self.shape or array.dtype != self.dtype:
-      raise SlowTierError(f"offload file {self.path} holds {array.dtype} {array.shape}, expected {self.dtype} "
+      raise SlowTierError(f"offload file {self.path} contains {array.dtype} {array.shape}, expected {self.dtype} "
                           f"{self.shape}; rebuild the offload directory")
     self._array, self._identity = array, identity
     self._size = array.offset + array.nbytes

@@ -1,8 +1,8 @@
 """The host tier: on an accelerator, expert weights wait in pinned host memory.
 
 Each unit's gate, up and down live as separate `pinned_host` arrays, so a fetch is a list of
-`jax.device_put` calls into device memory, which JAX runs asynchronously; the prefetcher's
-reads therefore overlap with compute without a thread doing the copy.
+`jax.device_put` calls into device memory. JAX runs those asynchronously, so the
+prefetcher's reads overlap with compute without a thread doing the copy.
 
 NOTE: untested on accelerators. The code path runs in the tests only on the CPU backend
 (`allow_cpu=True`), where pinned_host and device memory are both system RAM.

@@ -118,7 +118,7 @@ def dense_step(mlp: Part, x_BTD, h_BTD):
 
 @functools.partial(jax.jit, static_argnames=("spec", "budget"))
 def predict_step(spec: RoutingSpec, mlp_norm: Part, router: dict, x_BTD, valid_BT, budget_B, *, budget: int):
-  """The next MoE layer's candidates from the current residual stream (for prefetching)."""
+  """Predict the next MoE layer's candidates from the current residual stream (for prefetching)."""
   b, t, d = x_BTD.shape
   h_SD = _merge(mlp_norm)(x_BTD).reshape(b * t, d)
   budget_S = jnp.repeat(budget_B.astype(jnp.int32), t)

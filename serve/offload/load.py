@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def offload_model(model: PrismModel, offload: OffloadConfig = OffloadConfig(), *,
                   progress: bool = False) -> OffloadedModel:
-  """An offloaded copy of `model`; its non-expert arrays are shared, its expert arrays copied out.
+  """Build an offloaded copy of `model` that shares its non-expert arrays and copies its experts out.
 
   The PrismModel keeps its own expert weights: drop it to free them.
   """

@@ -1,8 +1,11 @@
 """Expert-memory budgets: parse '25%', 0.25, '512MB' or a byte count, and size the cache from it.
 
-The budget covers the fast-tier expert weights only (the cache slots). Attention, embeddings,
-routers, core-neuron columns, shared experts and dense layers always stay resident and are
-reported separately.
+The budget covers the fast-tier expert weights held between steps: the preallocated cache
+slots. Attention, embeddings, routers, core-neuron columns, shared experts and dense layers
+always stay resident and are reported separately. Transfers in flight are not counted.
+While a layer's misses are copied into the slots, up to one MoE layer's misses also sit in a
+transfer buffer. On the host tier, the prefetcher's staged reads (at most one layer's
+predicted misses, capped by `prefetch_limit`) also occupy device memory.
 """
 
 from __future__ import annotations
@@ -74,10 +77,10 @@ def parse_expert_memory(value: ExpertMemory, total_bytes: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class MemoryPlan:
-  """How a byte budget turns into cache slots for one model and caching granularity.
+  """Cache slots that a byte budget buys for one model and caching granularity.
 
   A unit is what the cache stores and fetches: one sub-expert, or one whole expert (N
-  sub-experts). `capacity` is the number of units the fast tier holds across all MoE layers.
+  sub-experts). `capacity` is the number of units that fit in the fast tier, across all MoE layers.
   """
 
   granularity: Granularity
@@ -133,7 +136,7 @@ def plan_memory(expert_memory: ExpertMemory, *, granularity: Granularity, num_mo
     need = working_set * unit_bytes
     percent = math.ceil(need / total * 1000) / 10
     raise ValueError(
-        f"expert_memory {expert_memory!r} ({format_bytes(budget)}) holds {capacity} {plan.unit_name}s of "
+        f"expert_memory {expert_memory!r} ({format_bytes(budget)}) fits {capacity} {plan.unit_name}s of "
         f"{format_bytes(unit_bytes)}, but one decode step with {max_batch} rows at the full budget may need "
         f"{working_set} {plan.unit_name}s of one MoE layer; set expert_memory to at least {need} bytes "
         f"({format_bytes(need)}) or '{percent:g}%' of the {format_bytes(total)} of expert weights")

@@ -1,10 +1,10 @@
 """`OffloadedModel`: a partitioned model whose expert weights sit in a slow tier behind a cache.
 
-The forward pass is a per-layer Python loop, as in real offloading systems: attention runs
-jitted per layer; the router's candidates come back to the host; the selection decides what
-runs; the cache makes those units resident (reading misses from the slow tier, or from what
-the prefetcher staged while the previous layer computed); then the expert FFN runs from the
-cache's pool rows. It offers `forward`, `init_cache`, `config`, `full_budget`,
+The forward pass is a per-layer Python loop, as in real offloading systems. Attention runs
+jitted per layer, and the router's candidates come back to the host. The selection decides
+what runs, and the cache makes those units resident: misses come from the slow tier, or from
+what the prefetcher staged while the previous layer computed. Then the expert FFN runs from
+the cache's pool rows. It offers `forward`, `init_cache`, `config`, `full_budget`,
 `num_sub_experts`, `tokenizer` and `check_budget` like `PrismModel`, so `generate_tokens`
 runs on it unchanged, and `serve.offload.OffloadRunner` serves it in the engine.
 """
@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 import time
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from serve.offload.cache import SlotCache
 from serve.offload.config import OffloadConfig
 from serve.offload.memory import plan_memory
 from serve.offload.prefetch import Prefetcher
-from serve.offload.recorder import StepRecorder, concat_unit_data
+from serve.offload.recorder import StepRecorder
 from serve.offload.routing import route_layer
 from serve.offload.selection import choose
 from serve.offload.stats import OffloadStats, StepStats
@@ -64,8 +65,10 @@ class OffloadedModel:
         hidden_size=config.hidden_size, width=width, itemsize=jnp.dtype(config.dtype).itemsize,
         max_batch=offload.max_batch)
     source = lambda layer: tuple(np.asarray(params["layers"][layer]["mlp"][k]) for k in steps.EXPERT_KEYS)
-    self.tier, self._temp_dir = build_tier(offload, config, sub, moe, source, self.plan.unit_groups, digest,
-                                           progress=progress)
+    self.tier, temp_dir = build_tier(offload, config, sub, moe, source, self.plan.unit_groups, digest,
+                                     progress=progress)
+    # Deletes a temporary offload directory on close(), or when the model is garbage collected.
+    self._cleanup = weakref.finalize(self, shutil.rmtree, temp_dir, True) if temp_dir is not None else None
     layers = {i: {**block, "mlp": {k: v for k, v in block["mlp"].items() if k not in steps.EXPERT_KEYS}}
               if i in moe else block for i, block in params["layers"].items()}
     self.parts = steps.resident_parts(config, sub, {**params, "layers": layers})
@@ -103,7 +106,10 @@ class OffloadedModel:
 
   def forward(self, tokens_BT, *, budget: int | None = None, budget_B=None, positions_BT=None, valid_BT=None,
               cache: KVCache | None = None, hidden_only: bool = False) -> ForwardOutput:
-    """The same contract as `PrismModel.forward`; raises SlowTierError when expert data cannot be read."""
+    """Run the model with the contract of `PrismModel.forward`.
+
+    Raises SlowTierError when expert data cannot be read; the model stays usable.
+    """
     budget = self.full_budget if budget is None else self.check_budget(budget)
     tokens_BT = np.asarray(tokens_BT, np.int32)
     if tokens_BT.ndim != 2:
@@ -155,17 +161,19 @@ class OffloadedModel:
 
   def resident_bytes(self) -> int:
     """Bytes of the always-resident (non-expert) weights."""
-    leaves = jax.tree_util.tree_leaves(self.parts, is_leaf=lambda x: isinstance(x, jax.Array))
-    return int(sum(leaf.nbytes for leaf in leaves if isinstance(leaf, jax.Array)))
+    p = self.parts
+    pieces = [p.embed, p.final_norm, p.lm_head]
+    for layer in p.layers:
+      pieces += [layer.attention, layer.router, layer.shared, layer.shared_gate, layer.dense]
+    return int(sum(leaf.nbytes for leaf in jax.tree.leaves(pieces)))
 
   def close(self) -> None:
     """Stop the prefetcher, release the slow tier and delete a temporary offload directory."""
     if self.prefetcher is not None:
       self.prefetcher.close()
     self.tier.close()
-    if self._temp_dir is not None:
-      shutil.rmtree(self._temp_dir, ignore_errors=True)
-      self._temp_dir = None
+    if self._cleanup is not None:
+      self._cleanup()
 
   # ---- the forward loop ------------------------------------------------------------------------
 
@@ -233,22 +241,18 @@ class OffloadedModel:
     ordered = np.concatenate([units[resident], units[~resident]])
     return [ordered[i:i + capacity] for i in range(0, len(ordered), capacity)]
 
-  def _read(self, layer: int, units: np.ndarray, recorder: StepRecorder) -> UnitData:
+  def _read(self, layer: int, units: np.ndarray, recorder: StepRecorder) -> list[UnitData]:
+    """Misses from the prefetcher's staged reads where present, the rest read now."""
     parts, remaining = [], units
     if self.prefetcher is not None:
-      taken = self.prefetcher.take(layer, units)
-      parts, remaining = taken.parts, taken.remaining
+      staged = self.prefetcher.take(layer, units)
+      parts, remaining = staged.parts, staged.remaining
       recorder.prefetched += len(units) - len(remaining)
-      recorder.prefetch_wasted_bytes += taken.wasted_bytes
+      recorder.prefetch_wasted_bytes += staged.wasted_bytes
     if len(remaining):
       parts.append(self.tier.read(layer, remaining))
-    data = concat_unit_data(parts)
-    if not np.array_equal(data.units, units):
-      # Admit in the requested order whatever was staged, so slots and eviction order (and
-      # with them every later result) do not depend on prefetching.
-      data = data.take(units)
-    recorder.bytes_fetched += data.nbytes
-    return data
+    recorder.bytes_fetched += sum(part.nbytes for part in parts)
+    return parts
 
   def _start_prefetch(self, layer: int, group_SA: np.ndarray, mass_SA: np.ndarray, valid_SA: np.ndarray) -> None:
     """Stage the predicted units of `layer` that are not resident now, heaviest first."""

@@ -1,8 +1,8 @@
 """Eviction policies of the expert cache: least recently used and least frequently used.
 
 A key is (layer, unit). The cache calls `touch` on a hit, `admit` after inserting a miss,
-and `evict(count, protected)` to choose victims; keys in `protected` (the units the current
-layer needs) are never chosen.
+and `evict(count, protected)` to choose victims. Keys in `protected`, the units the current
+layer needs, are never chosen.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
-class Taken:
+class StagedTake:
   """Staged data for some of a layer's misses, and what prefetching cost for that layer."""
 
   parts: list[UnitData]
@@ -43,16 +43,16 @@ class Prefetcher:
       future = self._executor.submit(self.tier.read, layer, units)
       self._pending.setdefault(layer, []).append((units, future))
 
-  def take(self, layer: int, units: np.ndarray) -> Taken:
+  def take(self, layer: int, units: np.ndarray) -> StagedTake:
     """Staged data for those of `units` that were prefetched (waiting for reads in flight).
 
     Every staged read of the layer is consumed: data not among `units` counts as wasted. A
     prefetch read that failed is ignored, so the caller's synchronous read reports the error.
     """
-    wanted = {int(u) for u in np.asarray(units).tolist()}
+    needed = {int(u) for u in np.asarray(units).tolist()}
     parts, wasted = [], 0
     for staged_units, future in self._pending.pop(layer, []):
-      useful = [u for u in staged_units.tolist() if u in wanted]
+      useful = [u for u in staged_units.tolist() if u in needed]
       if not useful:
         if future.cancel():
           continue
@@ -63,10 +63,10 @@ class Prefetcher:
         continue
       if useful:
         parts.append(data.take(np.asarray(useful, np.int64)))
-        wanted -= set(useful)
+        needed -= set(useful)
       wasted += data.nbytes * (len(staged_units) - len(useful)) // len(staged_units)
-    remaining = np.asarray([u for u in np.asarray(units).tolist() if u in wanted], np.int64)
-    return Taken(parts, remaining, wasted)
+    remaining = np.asarray([u for u in np.asarray(units).tolist() if u in needed], np.int64)
+    return StagedTake(parts, remaining, wasted)
 
   def discard(self) -> int:
     """Drop every staged read (after a failed step); returns the bytes read for nothing."""

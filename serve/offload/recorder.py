@@ -1,14 +1,12 @@
-"""Counting what one offload forward does, and merging staged reads into one `UnitData`."""
+"""Counting what one offload forward does."""
 
 from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 from serve.offload.stats import StepStats
-from serve.offload.tier import UnitData
 
 
 @dataclasses.dataclass
@@ -47,13 +45,3 @@ class StepRecorder:
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(StepStats) if hasattr(self, f.name)}
     fields["min_run_per_token"] = self.min_run_per_token or 0
     return StepStats(**fields, seconds=seconds)
-
-
-def concat_unit_data(parts: list[UnitData]) -> UnitData:
-  """One `UnitData` holding the units of every part, in order."""
-  if len(parts) == 1:
-    return parts[0]
-  join = np.concatenate if all(isinstance(p.gate_mDW, np.ndarray) for p in parts) else jnp.concatenate
-  units = np.concatenate([p.units for p in parts])
-  return UnitData(units, join([p.gate_mDW for p in parts]), join([p.up_mDW for p in parts]),
-                  join([p.down_mWD for p in parts]))

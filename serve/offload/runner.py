@@ -1,10 +1,10 @@
 """`OffloadRunner`: the engine's `StepRunner` over an `OffloadedModel`.
 
-It keeps the same KV-cache pool layout as `serve.runner.ModelRunner` (num_slots + 1 scratch
-slot) and the same sampling, but runs the model through the offload forward loop instead of
-one compiled program, so "compiling" a program means running it once to compile its
-per-layer pieces. The pool is written only after a step succeeds, so a step that fails
-(for example on a slow-tier read) leaves every slot's cache as it was.
+It keeps the KV-cache pool layout of `serve.runner.ModelRunner` (num_slots + 1 scratch slot)
+and its sampling. The model runs through the offload forward loop instead of one compiled
+program, so "compiling" a program means running it once to compile its per-layer pieces.
+The pool is written only after a step succeeds, so a step that fails (for example on a
+slow-tier read) leaves every slot's cache as it was.
 """
 
 from __future__ import annotations

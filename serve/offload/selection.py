@@ -1,4 +1,4 @@
-"""Which candidate sub-experts run: all of them, or resident ones first under a quality target.
+"""Selection of the candidate sub-experts that run: all of them, or resident ones first under a target.
 
 `exact` runs every candidate of the budget (fetching what is missing), which reproduces the
 fully resident model. `resident_first` runs every resident candidate, then fetches missing
@@ -66,14 +66,14 @@ class Selection:
 
 def choose(selection: Selection, unit_SA: np.ndarray, mass_SA: np.ndarray, valid_SA: np.ndarray,
            resident_SA: np.ndarray) -> np.ndarray:
-  """Which candidates run, bool [S, A]; candidates are in rank order along A."""
+  """Decide which candidates run: bool [S, A], with candidates in rank order along A."""
   if selection.mode == "exact":
     return valid_SA.copy()
   missing_SA = valid_SA & ~resident_SA
   fetch_SA = np.zeros_like(valid_SA)
   if selection.min_sub_experts is not None:
-    wanted_S = np.minimum(selection.min_sub_experts, valid_SA.sum(axis=1))
-    short_S = np.maximum(wanted_S - (valid_SA & resident_SA).sum(axis=1), 0)
+    floor_S = np.minimum(selection.min_sub_experts, valid_SA.sum(axis=1))
+    short_S = np.maximum(floor_S - (valid_SA & resident_SA).sum(axis=1), 0)
     # The n-th missing candidate in rank order is fetched when the token is still n or more short.
     nth_missing_SA = np.cumsum(missing_SA, axis=1)
     fetch_SA |= missing_SA & (nth_missing_SA <= short_S[:, None])

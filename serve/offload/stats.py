@@ -1,4 +1,4 @@
-"""What offloading did: per-step records and running totals.
+"""Offloading statistics: per-step records and running totals.
 
 A hit or miss counts one unit (a sub-expert, or a whole expert at expert granularity) that
 one MoE layer needed in one step, however many tokens used it. Sub-expert counts are summed
@@ -17,7 +17,7 @@ class StepStats:
 
   tokens: valid (non-padding) tokens. requested / run: candidate sub-experts of the budget
   and those that ran, summed over tokens and MoE layers. mass_requested / mass_run: their
-  routing mass. min_run_per_token: the fewest sub-experts any token ran in any MoE layer.
+  routing mass. min_run_per_token: the minimum number of sub-experts a token ran in a MoE layer.
   bytes_fetched: bytes copied from the slow tier into the cache. prefetched: misses whose
   data the prefetcher had already read; prefetch_wasted_bytes: bytes it read that no layer
   used. stall_s: time the forward waited for expert data (reads, waits on the prefetcher and

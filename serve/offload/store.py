@@ -46,7 +46,7 @@ def weights_digest(config: ModelConfig, sub: SubExpertConfig, layers: dict, fing
 def build_tier(offload: OffloadConfig, config: ModelConfig, sub: SubExpertConfig, moe_layers: tuple[int, ...],
                source: ExpertSource, unit_groups: int, digest: str, *,
                progress: bool = False) -> tuple[SlowTier, Path | None]:
-  """The slow tier `offload.tier` asks for, and the temporary directory to delete on close (or None)."""
+  """Build the slow tier that `offload.tier` names; also return the temporary directory to delete, or None."""
   kind = offload.tier
   if kind == "auto":
     kind = "disk" if jax.default_backend() == "cpu" else "host"

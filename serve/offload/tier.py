@@ -36,6 +36,8 @@ class UnitData:
 
   def take(self, units: np.ndarray) -> UnitData:
     """The rows of a subset of `units` (each must be present), in the given order."""
+    if np.array_equal(units, self.units):
+      return self
     position = {int(u): i for i, u in enumerate(self.units)}
     groups = self.gate_mDW.shape[0] // max(len(self.units), 1)
     index = np.asarray([position[int(u)] * groups + g for u in units for g in range(groups)], np.int32)
