@@ -31,7 +31,7 @@ class DemoConfig:
   out: Path = Path("prism-demo")
   num_sub_experts: int = 4
   calib_tokens: int = 32768
-  eval_tokens: int = 16384
+  eval_tokens: int = 8192
   sequence_length: int = 256
   max_new_tokens: int = 24
   tolerance: float = 1.25
@@ -100,7 +100,7 @@ def _curve(config: DemoConfig, model, partitioned) -> dict:
   ids = encode_text(default_text("eval"), model.tokenizer)
   curve = measure_curve(model, partitioned, ids, CurveConfig(tolerance=config.tolerance,
                                                              sequence_length=config.sequence_length,
-                                                             max_tokens=config.eval_tokens))
+                                                             max_tokens=config.eval_tokens, timing_repeats=3))
   folder.mkdir(parents=True, exist_ok=True)
   plot_curve(curve, folder / "curve.png")
   tmp = result_file.with_suffix(".json.partial")
@@ -115,7 +115,9 @@ def _serve(config: DemoConfig, partitioned) -> list[tuple[int, str, str, float]]
   full = partitioned.full_budget
   budgets = sorted({max(1, full // 4), full // 2, full})
   logger.info("step 4/4 serve: %d prompts at budgets %s through serve.Engine", len(PROMPTS), budgets)
-  engine_config = EngineConfig(batch_buckets=(1, 4), token_buckets=(16,), budgets=tuple(budgets),
+  # One compiled budget (the full one): each row is masked to its own budget inside the batch,
+  # so three budgets share batches and only two programs (prefill and decode) are compiled.
+  engine_config = EngineConfig(batch_buckets=(4,), token_buckets=(16,), budgets=(full,), policy="per_row",
                                max_len=64, profile_repeats=0, seed=config.seed)
   engine = Engine.from_model(partitioned, engine_config).start()
   rows = []
