@@ -12,8 +12,9 @@ NOTEBOOKS = sorted(COLAB.glob("*.ipynb"))
 # Small parameters so a headless run finishes in minutes on two CPU cores.
 SMALL = {
     "01_quickstart.ipynb": {"CALIB_TOKENS": 4096, "EVAL_TOKENS": 2048, "MAX_NEW_TOKENS": 4},
-    "02_partition_explorer.ipynb": {"CALIB_TOKENS": 4096, "EVAL_TOKENS": 2048, "GENERATIONS": 20},
-    "03_serving.ipynb": {"NUM_REQUESTS": 12, "RATES": [2.0], "MAX_TOKENS": 4},
+    "02_partition_explorer.ipynb": {"CALIB_TOKENS": 4096, "EVAL_TOKENS": 1024, "GENERATIONS": 8, "SA_STEPS": 2000},
+    "03_serving.ipynb": {"CALIB_TOKENS": 4096, "DURATION_S": 3.0, "RATES": [2.0], "MAX_TOKENS": 4,
+                         "POLICIES": ["fcfs", "per_row"]},
 }
 
 
