@@ -3,7 +3,7 @@
 A budget k' is how many sub-experts a token runs per MoE layer, 1..N*K. The pattern says
 how k' spreads over the token's K ranked experts. With (q, r) = divmod(k', N):
 k' <= N gives [k']; k' = N*K gives every expert all N; r > 0 gives q full experts then r;
-r = 0 gives q - 1 full experts then [N - 1, 1]. For N=4, K=8, k'=16 the pattern is
+r = 0 gives q - 1 full experts then [N - 1, 1]. With N = 1 the budget is plain top-k'. For N=4, K=8, k'=16 the pattern is
 [4, 4, 4, 3, 1, 0, 0, 0]. Patterns grow elementwise with k', so a batch compiled for its
 largest budget can mask any smaller per-row budget.
 """
@@ -31,7 +31,9 @@ def budget_pattern(budget: int, num_sub_experts: int, top_k: int) -> tuple[int, 
   n = num_sub_experts
   budget = check_budget(budget, n, top_k)
   q, r = divmod(budget, n)
-  if budget <= n:
+  if n == 1:
+    pattern = [1] * budget  # whole experts: budget k' is plain top-k'
+  elif budget <= n:
     pattern = [budget]
   elif budget == n * top_k:
     pattern = [n] * top_k
