@@ -50,23 +50,29 @@ class EvosaxConfig:
   """The evolutionary search: SNES over random keys, then a swap polish.
 
   Every neuron gets a real-valued key; sorting the keys and cutting the order into N equal
-  chunks gives the groups. The search starts at the greedy balanced split (`seed_spread`
-  is the gap between the keys of neighbouring groups, `std_init` the initial spread of
-  the samples). The polish then applies, per step, the best of `polish_proposals` random
-  swaps and, for every pair of groups, the `polish_per_pair`**2 swaps a first-order gain
-  estimate ranks highest, even when that swap raises the cost (tabu search: a moved neuron
-  stays put for `polish_tenure` steps); it keeps the best partition seen and stops after
+  chunks gives the groups. The search starts, per expert, at the better of the greedy
+  balanced split and balanced k-means (`seed_spread` is the gap between the keys of
+  neighbouring groups, `std_init` the initial spread of the samples in units of that gap).
+
+  The polish is a tabu search. Each step it applies the best of `polish_proposals` random
+  swaps and, for every pair of groups, the `polish_per_pair`**2 swaps that a first-order
+  gain estimate ranks highest, even when that swap raises the cost. A moved neuron stays
+  put for `polish_tenure` steps. The best partition seen is kept; the polish stops after
   `polish_steps` steps or after `polish_patience` steps without improvement.
+
+  The defaults were tuned on CPU (2 cores) with E=16, F=128, N=4 and 1024 tokens per
+  expert, on planted and on clustered-input SwiGLU activations, until the cost was below
+  simulated annealing's (100k steps) on every seed tried, at about half its CPU time.
   """
 
   population_size: int = 32
-  generations: int = 64
+  generations: int = 128
   std_init: float = 0.5
   seed_spread: float = 1.0
-  polish_steps: int = 400
-  polish_proposals: int = 64
-  polish_patience: int = 32
-  polish_per_pair: int = 2
+  polish_steps: int = 1000
+  polish_proposals: int = 4
+  polish_patience: int = 400
+  polish_per_pair: int = 3
   polish_tenure: int = 8
 
   def __post_init__(self):

@@ -128,6 +128,7 @@ def test_linear_router_repeats_parent(model):
   assert err <= 1e-4, f"max abs logit error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_dense_linear_moe_matches_layer():
   n = 2
   mlp_params = {k: np.asarray(v) for k, v in random_params(CONFIG, seed=0, scale=6.0)["layers"][0]["mlp"].items()}
@@ -151,6 +152,7 @@ def test_dense_linear_moe_matches_layer():
     assert err <= 1e-4 * np.abs(want).max(), f"budget {budget}: max abs error {err:.2e}"
 
 
+@pytest.mark.slow
 def test_router_tuning_lowers_error(model):
   config = dataclasses.replace(FAST, router="linear",
                                router_tuning=RouterTuningConfig(steps=60, eval_every=5, max_tokens=256))

@@ -53,7 +53,7 @@ def test_solver_returns_equal_split(problem, name):
   check_equal_split(problem, name, 4, 1)
 
 
-@pytest.mark.parametrize("num_groups,keep", [(2, 1), (4, 2)])
+@pytest.mark.parametrize("num_groups,keep", [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
 def test_other_group_counts_and_keep(problem, num_groups, keep):
   greedy = check_equal_split(problem, "sa", num_groups, keep).stages["greedy"]
   annealed = check_equal_split(problem, "sa", num_groups, keep).cost
@@ -73,6 +73,7 @@ def test_baselines_stay_far_from_optimum(problem, planted_cost, name):
   assert ratio > 1.2, f"{name}: cost ratio {ratio:.3f} to the planted optimum is suspiciously good"
 
 
+@pytest.mark.slow
 def test_annealing_from_random_start(problem, planted_cost):
   acts = jnp.asarray(problem.acts_ETF)
   start = random_start(3, 48)
@@ -83,6 +84,7 @@ def test_annealing_from_random_start(problem, planted_cost):
   assert ratio <= 1.05, f"annealing from a random start ended at {ratio:.3f} x the planted optimum"
 
 
+@pytest.mark.slow
 def test_search_and_polish_from_random_start(problem, planted_cost):
   acts = jnp.asarray(problem.acts_ETF)
   start = random_start(3, 48)

@@ -1,6 +1,6 @@
 """Partition solvers behind one interface: `solve(name, acts_ETF, num_sub_experts, keep, key, config)`.
 
-evosax:   greedy split, SNES over random keys, swap polish (the product).
+evosax:   greedy or k-means split (per expert, the better), SNES over random keys, tabu swap polish (the product).
 sa:       greedy split, simulated annealing with equal-size swaps (the MoE-Prism paper's solver).
 kmeans:   balanced k-means on normalized activation patterns.
 random:   a uniformly random equal split.
@@ -28,18 +28,29 @@ from partition.solvers.polish import polish, proposals_per_step
 Stages = dict[str, jax.Array]
 
 
+def _better_of(acts, first, second, n, keep) -> jax.Array:
+  """Per expert, the lower-cost of two permutations [E, F]."""
+  first_wins = expert_costs(acts, first, n, keep) <= expert_costs(acts, second, n, keep)
+  return jnp.where(first_wins[:, None], first, second)
+
+
 def _evosax(acts, n, keep, key, config: SolverConfig) -> tuple[jax.Array, Stages, int]:
   cfg = config.evosax
   num_experts, _, width = acts.shape
   key_search, key_polish = jax.random.split(key)
   greedy = greedy_permutations(acts, n, keep)
-  searched = evolve(acts, greedy, key_search, num_groups=n, keep=keep, config=cfg)
+  # Greedy and k-means get stuck in different experts, so each expert starts from the better one.
+  clustered = balanced_kmeans(acts, greedy, num_groups=n, iterations=config.kmeans.iterations)
+  start = _better_of(acts, greedy, clustered, n, keep)
+  searched = evolve(acts, start, key_search, num_groups=n, keep=keep, config=cfg)
   polished, steps_E = polish(acts, searched, key_polish, num_groups=n, keep=keep, steps=cfg.polish_steps,
                              proposals=cfg.polish_proposals, per_pair=cfg.polish_per_pair,
                              patience=cfg.polish_patience, tenure=cfg.polish_tenure)
   per_step = proposals_per_step(width, n, cfg.polish_proposals, cfg.polish_per_pair)
-  evaluations = num_experts * (width * n + cfg.population_size * cfg.generations) + int(jnp.sum(steps_E)) * per_step
-  return polished, {"greedy": greedy, "search": searched, "polish": polished}, evaluations
+  evaluations = (num_experts * (width * n + config.kmeans.iterations + cfg.population_size * cfg.generations)
+                 + int(jnp.sum(steps_E)) * per_step)
+  stages = {"greedy": greedy, "kmeans": clustered, "start": start, "search": searched, "polish": polished}
+  return polished, stages, evaluations
 
 
 def _sa(acts, n, keep, key, config: SolverConfig) -> tuple[jax.Array, Stages, int]:
