@@ -29,7 +29,9 @@ logger = logging.getLogger(__name__)
 
 
 def check_output_dir(out_dir: Path, overwrite: bool) -> None:
-  """Raise FileExistsError when `out_dir` contains files and `overwrite` is false."""
+  """Raise FileExistsError when `out_dir` contains files and `overwrite` is false, or is not a directory."""
+  if out_dir.exists() and not out_dir.is_dir():
+    raise FileExistsError(f"output path {out_dir} is a file, not a directory; choose another path")
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not overwrite:
     raise FileExistsError(f"output directory {out_dir} exists and is not empty; pass overwrite=True "
                           "(--overwrite) to replace it or choose another path")

@@ -61,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
   args = sub.parse_args(argv[argv.index(known.command) + 1:])
   logging.basicConfig(level=logging.DEBUG if known.verbose else logging.INFO,
                       format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+  # orbax logs every save and restore through absl at INFO; keep those at -v only.
+  logging.getLogger("absl").setLevel(logging.DEBUG if known.verbose else logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
 
   logging.getLogger("prism").info("prism-jax %s, jax %s, devices %s", prism_jax.__version__, jax.__version__,

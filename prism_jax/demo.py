@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -53,6 +54,28 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--seed", type=int, default=defaults.seed, help="seed of the search and sampling")
 
 
+SETTINGS_FILE = "demo_settings.json"
+
+
+def _reusable(folder: Path, marker: str, settings: dict) -> bool:
+  """True when `folder` holds a completed step that was run with the same settings.
+
+  A completed step run with other settings is removed so that it is computed again.
+  """
+  if not (folder / marker).is_file():
+    return False
+  stored = folder / SETTINGS_FILE
+  if stored.is_file() and json.loads(stored.read_text()) == settings:
+    return True
+  logger.info("%s was made with other settings; computing it again", folder)
+  shutil.rmtree(folder)
+  return False
+
+
+def _record(folder: Path, settings: dict) -> None:
+  (folder / SETTINGS_FILE).write_text(json.dumps(settings, indent=2))
+
+
 def _convert(config: DemoConfig) -> Path:
   from converters import convert_checkpoint  # pylint: disable=import-outside-toplevel
   from prism_jax.reference import default_model_dir  # pylint: disable=import-outside-toplevel
@@ -72,7 +95,9 @@ def _partition(config: DemoConfig, model) -> Path:
   from prism_jax.reference import default_text  # pylint: disable=import-outside-toplevel
 
   path = config.out / "partition"
-  if (path / "partition.json").is_file():
+  settings = {"num_sub_experts": config.num_sub_experts, "calib_tokens": config.calib_tokens,
+              "sequence_length": config.sequence_length, "seed": config.seed}
+  if _reusable(path, "partition.json", settings):
     logger.info("step 2/4 partition: reusing %s", path)
     return path
   logger.info("step 2/4 partition: evosax search, N=%d, %d calibration tokens", config.num_sub_experts,
@@ -82,7 +107,9 @@ def _partition(config: DemoConfig, model) -> Path:
       num_sub_experts=config.num_sub_experts, solver="evosax", seed=config.seed,
       profile=ProfileConfig(sequence_length=config.sequence_length, max_tokens=config.calib_tokens, seed=config.seed))
   partition, summary = build_partition(model, ids, partition_config, calibration_source="shipped calibration split")
-  return write_partition(path, partition, summary, overwrite=True)
+  write_partition(path, partition, summary, overwrite=True)
+  _record(path, settings)
+  return path
 
 
 def _curve(config: DemoConfig, model, partitioned) -> dict:
@@ -92,7 +119,11 @@ def _curve(config: DemoConfig, model, partitioned) -> dict:
 
   folder = config.out / "curve"
   result_file = folder / "curve.json"
-  if result_file.is_file() and (folder / "curve.png").is_file():
+  settings = {"partition": partitioned.partition.fingerprint, "num_sub_experts": partitioned.num_sub_experts,
+              "partition_mtime": (config.out / "partition" / "tensors.npz").stat().st_mtime,
+              "eval_tokens": config.eval_tokens, "tolerance": config.tolerance,
+              "sequence_length": config.sequence_length}
+  if _reusable(folder, "curve.json", settings) and (folder / "curve.png").is_file():
     logger.info("step 3/4 curve: reusing %s", result_file)
     return json.loads(result_file.read_text())
   logger.info("step 3/4 curve: %d budgets and %d top-k settings on %d held-out tokens", partitioned.full_budget,
@@ -105,6 +136,7 @@ def _curve(config: DemoConfig, model, partitioned) -> dict:
   plot_curve(curve, folder / "curve.png")
   tmp = result_file.with_suffix(".json.partial")
   tmp.write_text(json.dumps(curve.to_dict(), indent=2))
+  _record(folder, settings)
   tmp.replace(result_file)
   return curve.to_dict()
 

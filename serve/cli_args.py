@@ -94,11 +94,9 @@ def engine_config(args: argparse.Namespace, **overrides) -> EngineConfig:
 
 
 def ensure_info_logging() -> None:
-  """Show INFO logs (request starts, stops, errors) even when `prism`'s basicConfig did nothing.
+  """Show INFO logs (request starts, stops, errors) when the serve CLI runs without `prism`'s setup.
 
-  NOTE: importing orbax adds a handler to the root logger, so the basicConfig call in
-  prism_jax/cli.py is a no-op and the root level stays WARNING. Passing force=True there
-  fixes it for every subcommand; until then this lowers the level and formats bare handlers.
+  `prism` configures logging itself; this covers callers that import the CLI module directly.
   """
   root = logging.getLogger()
   if root.level > logging.INFO:

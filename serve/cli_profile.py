@@ -27,7 +27,11 @@ def run(args: argparse.Namespace) -> int:
   except ValueError as error:
     print(f"prism profile: {error}", file=sys.stderr)
     return 2
-  model = load_model(args)
+  try:
+    model = load_model(args)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"prism profile: {error}", file=sys.stderr)
+    return 2
   try:
     programs = config.programs(model.full_budget, model.num_sub_experts)
   except ValueError as error:

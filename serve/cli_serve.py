@@ -60,7 +60,11 @@ def run(args: argparse.Namespace) -> int:
     logger.warning("listening on %s without an API key: anyone who can reach this address can use the model; "
                    "set --api-key-file", args.host)
 
-  model = load_model(args)
+  try:
+    model = load_model(args)
+  except (ValueError, FileNotFoundError) as error:
+    print(f"prism serve: {error}", file=sys.stderr)
+    return 2
   if latency is not None and latency.meta.get("fingerprint") not in (None, model.fingerprint):
     logger.warning("latency table %s was measured on checkpoint %s, not %s; predictions may be off",
                    args.latency_table, latency.meta.get("fingerprint"), model.fingerprint)
