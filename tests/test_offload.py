@@ -6,10 +6,11 @@ import jax
 import numpy as np
 import pytest
 
-from prism_jax.testing import TINY
+from prism_jax.model import PrismModel
+from prism_jax.testing import TINY, random_params
 from serve.offload import Selection
-from tests.test_offload_support import (N, TOLERANCE, call_kwargs, max_abs, offloaded, tiny_partitioned_model,
-                                        token_batches)
+from tests.test_offload_support import (N, TOLERANCE, call_kwargs, max_abs, offloaded, random_partition,
+                                        tiny_partitioned_model, token_batches)
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +113,24 @@ def test_prefetch_never_changes_results(model, batches, tmp_path):
   assert (stats_on.hits, stats_on.misses, stats_on.run) == (stats_off.hits, stats_off.misses, stats_off.run)
   assert stats_on.prefetched > 0, stats_on
   assert stats_off.prefetched == 0, stats_off
+
+
+def test_prefetch_predicts_an_unchanged_stream(batches, tmp_path):
+  # With attention and expert outputs scaled to ~0, the next layer's input equals this one's,
+  # so the next layer's router on the current stream predicts its units exactly.
+  params = random_params(TINY, seed=0, scale=2.0)
+  for block in params["layers"].values():
+    block["attn"]["o_proj"]["kernel"] *= 1e-6
+    block["mlp"]["down"] *= 1e-6
+  still = PrismModel(TINY, params, partition=random_partition(TINY, N))
+  offload = offloaded(still, tmp_path, expert_memory="50%")
+  try:
+    run(offload, still, batches)
+    stats = offload.stats()
+    assert stats.prefetched > 0, stats
+    assert stats.prefetch_wasted_bytes == 0, stats
+  finally:
+    offload.close()
 
 
 def test_resident_first_meets_its_floor(model, batches, tmp_path):

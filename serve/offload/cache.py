@@ -46,6 +46,7 @@ class SlotCache:
     self.gate_RDW = zeros((rows, hidden_size, width))
     self.up_RDW = zeros((rows, hidden_size, width))
     self.down_RWD = zeros((rows, width, hidden_size))
+    self._compile_writes(dtype)
     self._slot_of: dict[Hashable, int] = {}
     self._free = list(range(self.capacity - 1, -1, -1))
     self._slot_LU = {layer: np.full(plan.units_per_layer, -1, np.int64) for layer in layers}
@@ -139,6 +140,17 @@ class SlotCache:
           self.gate_RDW, self.up_RDW, self.down_RWD, rows[chunk], part.gate_mDW[chunk], part.up_mDW[chunk],
           part.down_mWD[chunk])
       start += size
+
+  def _compile_writes(self, dtype) -> None:
+    """Run the pool write once per chunk size, so no step pays a compile while it waits for data."""
+    rows = self.gate_RDW.shape[0]
+    size = 1
+    while size <= rows:
+      zeros = lambda array: np.zeros((size, *array.shape[1:]), dtype)
+      self.gate_RDW, self.up_RDW, self.down_RWD = _write_rows(
+          self.gate_RDW, self.up_RDW, self.down_RWD, np.arange(size, dtype=np.int32), zeros(self.gate_RDW),
+          zeros(self.up_RDW), zeros(self.down_RWD))
+      size *= 2
 
   def clear(self) -> None:
     """Forget every resident unit (the pool keeps its size); the policy starts afresh."""

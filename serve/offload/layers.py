@@ -127,13 +127,14 @@ def predict_step(spec: RoutingSpec, mlp_norm: Part, router: dict, x_BTD, valid_B
 
 
 @functools.partial(jax.jit, static_argnames=("backend", "tile_rows"))
-def expert_step(gate_RDW, up_RDW, down_RWD, h_BTD, token_A, row_A, weight_A, valid_A, *, backend, tile_rows):
+def expert_step(gate_RDW, up_RDW, down_RWD, h_BTD, token_A, row_A, weight_SA, valid_A, *, backend, tile_rows):
   """SwiGLU of each (token, pool row) assignment, weighted and summed per token: float32 [S, D].
 
   The same sort / grouped matmul / scatter-add as SubExpertMoE, with the pool rows as groups.
   """
   num_rows = gate_RDW.shape[0]
   x_SD = h_BTD.reshape(-1, h_BTD.shape[-1])
+  weight_A = weight_SA.reshape(-1)
   # Worked example, rows [2, 0, 2] with the middle one invalid: keys [2, R, 2] sort to order
   # [0, 2, 1] and row sizes [0, 0, 2, ...]; the invalid assignment lands past every row.
   key_A = jnp.where(valid_A, row_A, num_rows)

@@ -210,7 +210,7 @@ class OffloadedModel:
     run_SA = choose(self.offload.selection, unit_SA, mass_SA, valid_SA, self.cache.resident_mask(index, unit_SA))
     recorder.count_candidates(valid_SA, run_SA, mass_SA)
     token_A = np.repeat(np.arange(group_SA.shape[0], dtype=np.int32), group_SA.shape[1])
-    y_SD = jnp.zeros((group_SA.shape[0], self.config.hidden_size), jnp.float32)
+    y_SD = None
     waves = self._waves(index, np.unique(unit_SA[run_SA]))
     recorder.waves += max(len(waves) - 1, 0)
     for wave in waves:
@@ -222,9 +222,12 @@ class OffloadedModel:
       in_wave_SA = run_SA & np.isin(unit_SA, wave)
       rows_SA = np.zeros(group_SA.shape, np.int32)
       rows_SA[in_wave_SA] = self.cache.group_rows(index, group_SA[in_wave_SA])
-      y_SD = y_SD + steps.expert_step(self.cache.gate_RDW, self.cache.up_RDW, self.cache.down_RWD, h, token_A,
-                                      rows_SA.reshape(-1), found.weight_SA.reshape(-1), in_wave_SA.reshape(-1),
-                                      backend=self.dispatch.backend, tile_rows=self.dispatch.tile_rows)
+      part_SD = steps.expert_step(self.cache.gate_RDW, self.cache.up_RDW, self.cache.down_RWD, h, token_A,
+                                  rows_SA.reshape(-1), found.weight_SA, in_wave_SA.reshape(-1),
+                                  backend=self.dispatch.backend, tile_rows=self.dispatch.tile_rows)
+      y_SD = part_SD if y_SD is None else y_SD + part_SD
+    if y_SD is None:  # no token ran a sub-expert (every token is padding)
+      y_SD = jnp.zeros((group_SA.shape[0], self.config.hidden_size), jnp.float32)
     if self.prefetcher is not None:
       recorder.prefetch_wasted_bytes += self.prefetcher.take(index, np.zeros(0, np.int64)).wasted_bytes
     x = steps.moe_residual_step(layer.shared, layer.shared_gate, x, h, y_SD)

@@ -8,17 +8,21 @@ layers) and a random partition to a temporary directory. For each expert-memory 
 (default 25% and 50% of all expert bytes) it decodes the same held-out token sequence,
 teacher-forced, one token per step, under:
 
-- whole-expert offloading (experts cached and fetched, LRU): the baseline;
+- whole-expert offloading (whole experts cached and fetched, --policy LRU by default): the baseline;
 - sub-expert offloading with exact selection (same outputs as the resident model);
-- sub-expert offloading, resident first, for each --tolerance (minimum fraction of the
-  routing mass that must run) and for each --min-sub-experts floor;
+- sub-expert offloading, resident first, for each --tolerances value (minimum fraction of
+  the routing mass that must run) and each --min-sub-experts floor;
 
-at the full budget and at each --budgets value. It prints per-token latency, hit rate,
-bytes fetched, stall time, sub-experts run and held-out perplexity (relative to exact
-selection at the same budget, whose outputs equal the resident model's), plus the resident
-model's latency when every expert fits. The held-out text is the packaged eval text through
-the checkpoint tokenizer, or random token ids when there is no tokenizer. With a
-random-weight model, perplexity only shows that outputs changed, not quality.
+at the full budget and at each --budgets value. Whole-expert and exact sub-expert runs at
+the same budget compute the same outputs, so they compare at equal quality. Settings run
+in round-robin order, --repeats times each, and the median run of each is reported.
+
+Columns: per-token latency, hit rate, bytes fetched, stall time, bytes the prefetcher read
+for nothing, sub-experts run, routing mass covered, and held-out perplexity (relative to
+exact selection at the same budget, whose outputs equal the resident model's). The
+resident model's latency, with every expert on the device, comes first. The held-out text
+is the packaged eval text through the checkpoint tokenizer, or random token ids when there
+is no tokenizer. With a random-weight model, perplexity only shows that outputs changed.
 The slow tier is the page cache or the disk: `--cold start` drops the offload files from
 the page cache before each run (and reports whether that took effect), `--cold step` before
 every decode step (every miss then reads the block device).
@@ -151,26 +155,55 @@ def load(args) -> Loaded:
   return Loaded(config, raw_params, params, partition, sub, digest, load_tokenizer(args.checkpoint))
 
 
-def measure(args, loaded, name, granularity, budget, selection, fraction, tokens_BL, reference_argmax):
-  offload = OffloadConfig(expert_memory=fraction, granularity=granularity, policy=args.policy,
-                          prefetch=not args.no_prefetch, selection=selection, offload_dir=str(args.offload_dir),
-                          max_batch=args.batch)
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One offloading configuration to measure."""
+
+  name: str
+  granularity: str
+  budget: int
+  selection: Selection
+
+
+def run_once(args, loaded, setting: Setting, fraction: float, tokens_BL):
+  """Decode the held-out tokens once from an empty cache; returns (seconds, log-probs, argmaxes, stats, residency)."""
+  offload = OffloadConfig(expert_memory=fraction, granularity=setting.granularity, policy=args.policy,
+                          prefetch=not args.no_prefetch, selection=setting.selection,
+                          offload_dir=str(args.offload_dir), max_batch=args.batch)
   model = loaded.offloaded(offload)
   try:
-    decode(model, tokens_BL, args.prompt, budget, False, steps=2)  # compile, then start cold
-    repeats = []
-    for _ in range(args.repeats):
-      model.clear_cache()
-      model.reset_stats()
-      residency = model.tier.drop_page_cache() if args.cold != "none" else None
-      repeats.append(decode(model, tokens_BL, args.prompt, budget, args.cold == "step"))
-    # Every repeat decodes the same tokens from an empty cache, so only the timings differ.
-    seconds, logprobs, argmaxes = sorted(repeats, key=lambda r: statistics.mean(r[0]))[len(repeats) // 2]
-    agreement = None if reference_argmax is None else float(np.mean(argmaxes == reference_argmax))
-    return Run(name, granularity, budget, selection, seconds, float(-np.mean(logprobs)), agreement, model.stats(),
-               residency), argmaxes
+    decode(model, tokens_BL, args.prompt, setting.budget, False, steps=2)  # compile, then start cold
+    model.clear_cache()
+    model.reset_stats()
+    residency = model.tier.drop_page_cache() if args.cold != "none" else None
+    seconds, logprobs, argmaxes = decode(model, tokens_BL, args.prompt, setting.budget, args.cold == "step")
+    return seconds, logprobs, argmaxes, model.stats(), residency
   finally:
     model.close()
+
+
+def measure(args, loaded, settings: list[Setting], fraction: float, tokens_BL) -> list[Run]:
+  """Run every setting `repeats` times in round-robin order and keep each setting's median run.
+
+  Round robin spreads drifting machine load over all settings alike. Every run decodes the
+  same tokens from an empty cache, so only the timings differ between repeats.
+  """
+  samples = {setting: [] for setting in settings}
+  for _ in range(args.repeats):
+    for setting in settings:
+      samples[setting].append(run_once(args, loaded, setting, fraction, tokens_BL))
+  chosen = {s: sorted(runs, key=lambda r: statistics.mean(r[0]))[len(runs) // 2] for s, runs in samples.items()}
+  exact_argmax = {s.budget: chosen[s][2] for s in settings if s.granularity == "sub_expert" and
+                  s.selection.mode == "exact"}
+  results = []
+  for setting in settings:
+    seconds, logprobs, argmaxes, stats, residency = chosen[setting]
+    reference = exact_argmax.get(setting.budget)
+    is_exact = setting.granularity == "sub_expert" and setting.selection.mode == "exact"
+    agreement = None if reference is None or is_exact else float(np.mean(argmaxes == reference))
+    results.append(Run(setting.name, setting.granularity, setting.budget, setting.selection, seconds,
+                       float(-np.mean(logprobs)), agreement, stats, residency))
+  return results
 
 
 def resident_latency(model, args, tokens_BL, budget) -> float:
@@ -181,7 +214,8 @@ def resident_latency(model, args, tokens_BL, budget) -> float:
 
 def print_table(runs: list[Run], batch: int, exact_nll: dict[int, float]) -> None:
   header = (f"{'configuration':<28} {'budget':>6} {'ms/token':>8} {'p90 ms':>7} {'hit %':>6} {'MB/token':>8} "
-            f"{'stall ms/tok':>12} {'sub-exp/tok':>11} {'mass %':>6} {'ppl':>9} {'ppl/exact':>9} {'agree %':>7}")
+            f"{'stall ms/tok':>12} {'wasted MB/tok':>13} {'sub-exp/tok':>11} {'mass %':>6} {'ppl':>9} {'ppl/exact':>9} "
+            f"{'agree %':>7}")
   print(header)
   for run in runs:
     steps = sorted(run.step_seconds)
@@ -192,6 +226,7 @@ def print_table(runs: list[Run], batch: int, exact_nll: dict[int, float]) -> Non
     agree = "-" if run.agreement is None else f"{run.agreement:7.1%}"
     print(f"{run.name:<28} {run.budget:6d} {per_token * 1e3:8.2f} {p90 * 1e3:7.2f} {stats.hit_rate:6.1%} "
           f"{stats.bytes_per_token / 1e6:8.2f} {stats.stall_s_per_token * 1e3:12.2f} "
+          f"{stats.prefetch_wasted_bytes / max(stats.tokens, 1) / 1e6:13.2f} "
           f"{stats.sub_experts_per_token:11.2f} {stats.mass_coverage:6.1%} {ppl:9.3f} {ppl / ppl_exact:9.4f} "
           f"{agree:>7}")
 
@@ -251,22 +286,16 @@ def measure_fraction(args, loaded, fraction, budgets, tokens_BL) -> None:
   print(f"\nexpert memory {fraction:.0%} of the expert weights")
   tolerances = [float(t) for t in args.tolerances.split(",") if t]
   floors = [int(m) for m in args.min_sub_experts.split(",") if m]
-  runs, exact_nll = [], {}
+  settings = []
   for budget in budgets:
-    exact, reference = measure(args, loaded, "sub-expert, exact", "sub_expert", budget, Selection(), fraction,
-                               tokens_BL, None)
-    exact_nll[budget] = exact.nll
-    baseline, _ = measure(args, loaded, "whole-expert (baseline)", "expert", budget, Selection(), fraction,
-                          tokens_BL, reference)
-    runs += [baseline, exact]
-    for tolerance in tolerances:
-      run, _ = measure(args, loaded, f"sub-expert, mass >= {tolerance:g}", "sub_expert", budget,
-                       Selection("resident_first", min_mass=tolerance), fraction, tokens_BL, reference)
-      runs.append(run)
-    for floor in floors:
-      run, _ = measure(args, loaded, f"sub-expert, >= {floor} per token", "sub_expert", budget,
-                       Selection("resident_first", min_sub_experts=floor), fraction, tokens_BL, reference)
-      runs.append(run)
+    settings += [Setting("whole-expert (baseline)", "expert", budget, Selection()),
+                 Setting("sub-expert, exact", "sub_expert", budget, Selection())]
+    settings += [Setting(f"sub-expert, mass >= {t:g}", "sub_expert", budget, Selection("resident_first", min_mass=t))
+                 for t in tolerances]
+    settings += [Setting(f"sub-expert, >= {m} per token", "sub_expert", budget,
+                         Selection("resident_first", min_sub_experts=m)) for m in floors]
+  runs = measure(args, loaded, settings, fraction, tokens_BL)
+  exact_nll = {r.budget: r.nll for r in runs if r.granularity == "sub_expert" and r.selection.mode == "exact"}
   print_table(runs, args.batch, exact_nll)
 
   drops = [r.residency_after_drop for r in runs if r.residency_after_drop is not None]
