@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 def model_fingerprint(model: PrismModel) -> str:
-  """The checkpoint fingerprint, computed from config and routers for a model built in memory."""
+  """Return the checkpoint fingerprint, computed from config and routers for a model built in memory."""
   if model.fingerprint is not None:
     return model.fingerprint
   decoder = model.module()
@@ -36,14 +36,14 @@ def model_fingerprint(model: PrismModel) -> str:
 
 
 def expert_params(model: PrismModel) -> dict:
-  """The model's parameters as an expert-layout (N = 1) pure dict of NumPy arrays."""
+  """Return the model's parameters as an expert-layout (N = 1) pure dict of NumPy arrays."""
   if model.num_sub_experts != 1:
     raise ValueError("expected an unpartitioned model; load the checkpoint without a partition")
   return jax.tree_util.tree_map(np.asarray, nnx.to_pure_dict(model.state))
 
 
 def partitioned_model(model: PrismModel, partition: Partition) -> PrismModel:
-  """The same weights as `model` (unpartitioned), split into sub-experts by `partition`."""
+  """Build a model with the weights of the unpartitioned `model`, split into sub-experts by `partition`."""
   if partition.fingerprint != model_fingerprint(model):
     raise ValueError(f"partition was built for checkpoint {partition.fingerprint}, but the model has fingerprint "
                      f"{model_fingerprint(model)}; run `prism partition` on this checkpoint")
@@ -82,7 +82,7 @@ def build_partition(model: PrismModel, calib_tokens: Sequence[int] | np.ndarray,
   layer_summaries: dict[str, Any] = {}
   start = time.perf_counter()
   for profile in profile_layers(model, sequences, config.profile, num_inputs=num_inputs):
-    layers[profile.layer], layer_summaries[str(profile.layer)] = _partition_layer(
+    layers[profile.layer], layer_summaries[str(profile.layer)] = partition_layer(
         model, profile, config, jax.random.fold_in(key, profile.layer))
 
   total = sum(s["objective"] for s in layer_summaries.values())
@@ -102,8 +102,9 @@ def build_partition(model: PrismModel, calib_tokens: Sequence[int] | np.ndarray,
   return partition, summary
 
 
-def _partition_layer(model: PrismModel, profile: LayerProfile, config: PartitionConfig,
-                     key: jax.Array) -> tuple[LayerPartition, dict[str, Any]]:
+def partition_layer(model: PrismModel, profile: LayerProfile, config: PartitionConfig,
+                    key: jax.Array) -> tuple[LayerPartition, dict[str, Any]]:
+  """Solve one profiled MoE layer and derive its routers; returns the layer and its summary."""
   n, keep = config.num_sub_experts, config.keep
   num_experts, _, width = profile.acts_ETF.shape
   result = solve(config.solver, profile.acts_ETF, n, keep, key, config.solvers)

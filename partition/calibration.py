@@ -47,22 +47,22 @@ def encode_text(text: str, tokenizer: Any) -> np.ndarray:
   return np.concatenate(ids) if ids else np.zeros((0,), np.int32)
 
 
-def load_token_ids(path: str | os.PathLike, tokenizer: Any, *, what: str = "text") -> np.ndarray:
+def load_token_ids(path: str | os.PathLike, tokenizer: Any, *, label: str = "text") -> np.ndarray:
   """Token ids from a text file (tokenized with `tokenizer`) or from a `.npy` file of ids."""
   path = Path(path)
   if path.suffix == ".npy":
     if not path.is_file():
-      raise FileNotFoundError(f"{what} file {path} not found")
+      raise FileNotFoundError(f"{label} file {path} not found")
     return np.asarray(np.load(path), np.int32).reshape(-1)
   if tokenizer is None:
-    raise ValueError(f"the checkpoint has no tokenizer (tokenizer/tokenizer.json), so {what} file {path} cannot "
+    raise ValueError(f"the checkpoint has no tokenizer (tokenizer/tokenizer.json), so {label} file {path} cannot "
                      "be tokenized; convert the checkpoint with its tokenizer or pass token ids as a .npy file")
   return encode_text(read_text(path), tokenizer)
 
 
 def make_sequences(ids: Sequence[int] | np.ndarray, sequence_length: int, *, bos_token_id: int | None = None,
                    min_tokens: int = 1, max_tokens: int | None = None, vocab_size: int | None = None,
-                   what: str = "calibration") -> Sequences:
+                   label: str = "calibration") -> Sequences:
   """Cut a token stream into rows of `sequence_length`, each starting with BOS when the model has one.
 
   A 2-D array is taken as rows already cut (all valid). The last row is padded and its
@@ -80,14 +80,14 @@ def make_sequences(ids: Sequence[int] | np.ndarray, sequence_length: int, *, bos
       stream = stream[:max_tokens]
     sequences = _cut(stream, sequence_length, bos_token_id)
   else:
-    raise ValueError(f"{what} token ids must be 1-D (one stream) or 2-D [B, T], got shape {ids.shape}")
+    raise ValueError(f"{label} token ids must be 1-D (one stream) or 2-D [B, T], got shape {ids.shape}")
 
   if sequences.num_tokens < min_tokens:
-    raise ValueError(f"{what} text has {sequences.num_tokens} tokens, fewer than the {min_tokens} needed; "
+    raise ValueError(f"{label} text has {sequences.num_tokens} tokens, fewer than the {min_tokens} needed; "
                      "pass a longer text (or lower the minimum)")
   if vocab_size is not None and sequences.tokens_BT.size and (
       sequences.tokens_BT.min() < 0 or sequences.tokens_BT.max() >= vocab_size):
-    raise ValueError(f"{what} token ids must lie in 0..{vocab_size - 1} (the model's vocabulary), got "
+    raise ValueError(f"{label} token ids must lie in 0..{vocab_size - 1} (the model's vocabulary), got "
                      f"{sequences.tokens_BT.min()}..{sequences.tokens_BT.max()}; tokenize with the checkpoint's tokenizer")
   return sequences
 

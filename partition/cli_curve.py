@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
                          max_tokens=args.max_tokens, renormalize_top_k=args.renormalize_top_k)
     full = load(args.checkpoint)
     partitioned = partitioned_model(full, read_partition(args.partition))
-    ids = load_token_ids(args.eval, full.tokenizer, what="evaluation")
+    ids = load_token_ids(args.eval, full.tokenizer, label="evaluation")
     curve = measure_curve(full, partitioned, ids, config)
   except (ValueError, FileNotFoundError, FileExistsError) as error:
     logger.error("%s", error)

@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     config = config_from_args(args)
     model = load(args.checkpoint)
     check_model(model, config)
-    ids = load_token_ids(args.calib, model.tokenizer, what="calibration")
+    ids = load_token_ids(args.calib, model.tokenizer, label="calibration")
     partition, summary = build_partition(model, ids, config, calibration_source=str(args.calib))
     summary["checkpoint"] = str(args.checkpoint)
     write_partition(args.out, partition, summary, overwrite=args.overwrite)

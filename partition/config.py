@@ -21,7 +21,7 @@ def _positive(name: str, value: object) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ProfileConfig:
-  """How calibration tokens are cut into sequences and how many activations are kept.
+  """Calibration row shape, token limits and the number of activations kept per expert.
 
   At most `max_tokens` calibration tokens are used (all when None), and fewer than
   `min_tokens` is an error. Each expert keeps at most `max_tokens_per_expert` of the
@@ -61,8 +61,9 @@ class EvosaxConfig:
   `polish_steps` steps or after `polish_patience` steps without improvement.
 
   The defaults were tuned on CPU (2 cores) with E=16, F=128, N=4 and 1024 tokens per
-  expert, on planted and on clustered-input SwiGLU activations, until the cost was below
-  simulated annealing's (100k steps) on every seed tried, at about half its CPU time.
+  expert, on planted and on clustered-input SwiGLU activations and on the trained
+  reference model (tests/benchmarks/bench_partition.py). There the cost ended 0.3-1.5%
+  below simulated annealing's (100k steps) on every layer, in about a third of its time.
   """
 
   population_size: int = 32

@@ -6,8 +6,8 @@ token with the full model, routed-expert FLOPs per token (shared experts, attent
 routing excluded) and the median time of a jitted forward pass over one batch.
 
 The top-k baseline keeps the first k ranked experts with the weights of the full top-K
-routing (normalized over K when the config says so) and does not renormalize them over
-k, exactly as budgets of the compound router keep their parent's weights. Pass
+routing (normalized over K when the config sets norm_topk_prob) and does not renormalize
+them over k, exactly as budgets of the compound router keep their parent's weights. Pass
 `renormalize_top_k=True` for the other convention.
 
 A point is *stable* when its perplexity is within `tolerance` x the full model's and no
@@ -150,6 +150,23 @@ def _evaluate(forward: Callable, batches, references) -> tuple[float, float, lis
   return float(np.exp(nll / max(count, 1))), agree / max(count, 1), extras
 
 
+def budget_quality(full_model: PrismModel, partitioned: PrismModel, eval_tokens: Sequence[int] | np.ndarray,
+                   budgets: Sequence[int], config: CurveConfig = CurveConfig()) -> list[tuple[float, float]]:
+  """(perplexity, agreement with the full model) of `partitioned` at each budget."""
+  mc = full_model.config
+  sequences = make_sequences(eval_tokens, config.sequence_length, bos_token_id=mc.bos_token_id,
+                             min_tokens=config.min_tokens, max_tokens=config.max_tokens, vocab_size=mc.vocab_size,
+                             label="evaluation")
+  batches = _batches(sequences, config.batch_size)
+  references = [jnp.argmax(full_model(t, valid_BT=v), axis=-1).astype(jnp.int32) for t, v in batches]
+  results = []
+  for budget in budgets:
+    forward = lambda tokens, valid, budget=budget: (partitioned(tokens, budget=budget, valid_BT=valid), 0.0)
+    perplexity, agreement, _ = _evaluate(forward, batches, references)
+    results.append((perplexity, agreement))
+  return results
+
+
 def measure_curve(full_model: PrismModel, partitioned: PrismModel, eval_tokens: Sequence[int] | np.ndarray,
                   config: CurveConfig = CurveConfig()) -> Curve:
   """Measure every budget of `partitioned` and every top-k of `full_model` on `eval_tokens`."""
@@ -158,7 +175,7 @@ def measure_curve(full_model: PrismModel, partitioned: PrismModel, eval_tokens: 
   mc = full_model.config
   sequences = make_sequences(eval_tokens, config.sequence_length, bos_token_id=mc.bos_token_id,
                              min_tokens=config.min_tokens, max_tokens=config.max_tokens, vocab_size=mc.vocab_size,
-                             what="evaluation")
+                             label="evaluation")
   batches = _batches(sequences, config.batch_size)
   timing_tokens, timing_valid = (jnp.asarray(a) for a in batches[0])
   num_moe = len(mc.moe_layer_indices)
@@ -195,7 +212,7 @@ def measure_curve(full_model: PrismModel, partitioned: PrismModel, eval_tokens: 
 
 
 def format_table(curve: Curve) -> str:
-  """A readable table of the points and the stable counts."""
+  """Format the points and the stable counts as a readable table."""
   lines = [f"{'kind':>6} {'k':>4} {'perplexity':>11} {'agreement':>9} {'MFLOP/token':>12} {'ms':>9} stable"]
   for p in curve.points:
     lines.append(f"{p.kind:>6} {p.k:>4} {p.perplexity:>11.4f} {p.agreement:>9.3f} {p.flops_per_token / 1e6:>12.3f} "

@@ -1,7 +1,7 @@
 """The unpartitioned model run one block at a time, with one jitted function per step.
 
-The profiler needs each MoE layer's input on its own, and the top-k baseline needs the
-original layer with fewer experts; both use the blocks of `PrismModel.module()` through
+The profiler needs each MoE layer's input on its own. The top-k baseline needs the
+original layer with fewer experts. Both use the blocks of `PrismModel.module()` through
 these functions. Blocks with the same structure share a graphdef, so their compiled
 functions are shared too.
 """
@@ -40,7 +40,7 @@ def attention_step(graphdef: nnx.GraphDef, config: ModelConfig, state: nnx.State
 
 @functools.partial(jax.jit, static_argnums=(0,))
 def ffn_step(graphdef: nnx.GraphDef, state: nnx.State, h_BTD: jax.Array, valid_BT: jax.Array) -> jax.Array:
-  """The block's original feed-forward output (all K experts of an MoE layer)."""
+  """Run the block's original feed-forward layer (all K experts of an MoE layer)."""
   block = nnx.merge(graphdef, state)
   if not block.is_moe:
     return block.mlp(h_BTD)
@@ -50,10 +50,10 @@ def ffn_step(graphdef: nnx.GraphDef, state: nnx.State, h_BTD: jax.Array, valid_B
 
 
 def top_k_moe(mlp: nnx.Module, h_SD: jax.Array, valid_S: jax.Array, top_k: int, renormalize: bool) -> jax.Array:
-  """The original MoE layer (N = 1) restricted to each token's `top_k` best-ranked experts.
+  """Run the original MoE layer (N = 1) on each token's `top_k` best-ranked experts only.
 
-  The weights are those of the full top-K routing (normalized over K when the config says
-  so), cut to the first `top_k` ranks, so the output is the full layer's minus the dropped
+  The weights are those of the full top-K routing (normalized over K when the config sets
+  norm_topk_prob), cut to the first `top_k` ranks, so the output is the full layer's minus the dropped
   experts' terms. With `renormalize` they are rescaled to sum as the K weights did.
   """
   weights_SK, experts_SK, _ = route_parent(h_SD, mlp.router[...], mlp.top_k, mlp.normalize)
@@ -77,7 +77,7 @@ def top_k_moe(mlp: nnx.Module, h_SD: jax.Array, valid_S: jax.Array, top_k: int, 
 
 
 def top_k_forward_fn(model: PrismModel, top_k: int, renormalize: bool):
-  """A jitted `tokens_BT, valid_BT -> logits_BTV` of the original model with top-k lowered to `top_k`."""
+  """Build a jitted `tokens_BT, valid_BT -> logits_BTV` of the original model with top-k lowered to `top_k`."""
   if model.num_sub_experts != 1:
     raise ValueError("the top-k baseline runs on the unpartitioned model; load the checkpoint without a partition")
   config = model.config

@@ -5,7 +5,7 @@ At an MoE layer, the parent router picks each valid token's top-K experts; each 
 keeps a uniform random subset of at most `max_tokens_per_expert` of its tokens, and for
 those the profiler records a_j(x) = silu(x W_gate[:, j]) * (x W_up[:, j]) in absolute value.
 Then the original layer runs on every row to give the next layer its input. One layer's
-activations are yielded at a time, so memory holds the residual stream plus one layer.
+activations are yielded at a time, so memory contains the residual stream plus one layer.
 """
 
 from __future__ import annotations

@@ -1,10 +1,10 @@
 """Router-only fine-tuning of the linear sub-expert router with optax (expert weights frozen).
 
-Per MoE layer, on a sample of its calibration inputs: the frozen sub-experts' outputs are
-computed once; the loss is the squared error between the layer output at budget b (top-b
-sub-experts under the trainable router, as `SubExpertMoE` weights them) and the original
-layer output, relative to the latter's mean square, averaged over budgets K..b_i at step
-i, where b_i rises linearly from K to N*K over the steps. Gradients reach the router through the routing weights only; the
+Each MoE layer trains on a sample of its calibration inputs, where the frozen sub-experts'
+outputs are computed once. The loss compares the layer output at budget b (top-b
+sub-experts under the trainable router, weighted as `SubExpertMoE` weights them) with the
+original layer output: squared error relative to the latter's mean square, averaged over
+budgets K..b_i at step i. The highest budget b_i rises linearly from K to N*K. Gradients reach the router through the routing weights only; the
 top-b choice itself is piecewise constant.
 """
 
@@ -38,9 +38,9 @@ def dense_linear_moe(x_SD: jax.Array, outputs_SGD: jax.Array, router_DG: jax.Arr
                      num_sub_experts: int, normalize: bool, temperature: float | None = None) -> jax.Array:
   """Layer output with the linear router at a (traced) budget, weighted as `SubExpertMoE` does.
 
-  Sub-expert probabilities are softmax over the G logits times N; the top `budget` run
-  (ties go to the lower index, as with lax.top_k); with `normalize` the selected weights
-  are rescaled to sum to N. With a `temperature`, the gradient (not the value) treats the
+  Sub-expert probabilities are softmax over the G logits times N. The top `budget` run, and
+  ties go to the lower index, as with lax.top_k. With `normalize` the selected weights are
+  rescaled to sum to N. With a `temperature`, the gradient (not the value) treats the
   choice as relaxed: a sub-expert counts sigmoid((logit - cut) / temperature) times, with
   the cut midway between the budget-th and the next logit, so training also moves the choice.
   """

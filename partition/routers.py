@@ -39,7 +39,7 @@ def core_neurons(acts_ETF, permutation_EF: np.ndarray, num_groups: int, num_core
 
 
 def repeated_linear_router(router_DE: np.ndarray, num_groups: int) -> np.ndarray:
-  """The parent router's columns repeated N times: [D, E*N], column e*N + s for sub-expert (e, s).
+  """Repeat the parent router's columns N times: [D, E*N], column e*N + s for sub-expert (e, s).
 
   Softmax over the E*N logits gives each sub-expert 1/N of its parent's probability, which
   the linear router multiplies back by N.

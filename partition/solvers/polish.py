@@ -1,8 +1,8 @@
 """Swap polish: tabu search over a sampled swap neighbourhood, for every expert at once.
 
 Each step scores, exactly and in parallel, a batch of random swaps plus the swaps that a
-first-order gain estimate ranks highest (`swaps.guided_swaps`), and applies the best one
-even when it raises the cost, so the search walks out of local minima. Neurons just moved
+first-order gain estimate ranks highest (`swaps.guided_swaps`). It applies the best one
+even when that raises the cost, so the search walks out of local minima. Neurons just moved
 are tabu (not moved again) for `tenure` steps, unless a swap involving them beats the best
 cost so far. The best partition seen is returned. The search stops after `steps` steps or
 after `patience` steps in a row without a new best. Scoring many proposals per step suits
@@ -34,15 +34,15 @@ def _polish_one(acts_FT: jax.Array, permutation_F: jax.Array, key: jax.Array, *,
 
   def step_fn(carry):
     perm, masses, cost, best_perm, best_cost, tabu_until_F, step, stall = carry
-    blocked_P = tabu_until_F[perm] > step
+    blocked_F = tabu_until_F[perm] > step
     p_random, q_random = swaps.random_swaps(jax.random.fold_in(key, step), (proposals,), width, num_groups)
-    p_guided, q_guided = swaps.guided_swaps(acts_FT, perm, masses, keep, per_pair, blocked_P)
+    p_guided, q_guided = swaps.guided_swaps(acts_FT, perm, masses, keep, per_pair, blocked_F)
     p_M = jnp.concatenate([p_guided, p_random])
     q_M = jnp.concatenate([q_guided, q_random])
     cost_M, masses_MTN = swaps.swap_costs(acts_FT, perm, masses, p_M, q_M, group, keep)
     # A margin keeps float rounding from counting a tie with the best as progress.
     new_best_M = cost_M < best_cost - 1e-6 * (jnp.abs(best_cost) + 1.0)
-    allowed_M = (~blocked_P[p_M] & ~blocked_P[q_M]) | new_best_M
+    allowed_M = (~blocked_F[p_M] & ~blocked_F[q_M]) | new_best_M
     choice = jnp.argmin(jnp.where(allowed_M, cost_M, jnp.inf))
     move = allowed_M[choice]
     p, q = p_M[choice], q_M[choice]

@@ -61,21 +61,21 @@ def guided_swaps(acts_FT: jax.Array, permutation_F: jax.Array, masses_TN: jax.Ar
 
   Moving neuron j from group a to group b lowers the cost, to first order, by
   gain[j, b] = A[j, b] - A[j, a], where A[j, s] is j's mass on the tokens whose `keep`
-  heaviest groups include s (only those tokens' kept mass grows when s grows). For every
-  pair of groups (a, b) the `per_pair` best movers of a towards b are paired with the
-  best movers of b towards a, giving N(N-1)/2 * per_pair**2 proposals (exact costs are
-  computed afterwards; the estimate only chooses what to try). Positions where `blocked_F`
-  is True are never proposed unless a group has too few free positions.
+  heaviest groups include s, because only those tokens' kept mass grows when s grows. For
+  every pair of groups (a, b), the `per_pair` best movers of a towards b are paired with
+  the best movers of b towards a, giving N(N-1)/2 * per_pair**2 proposals. Their exact
+  costs are computed afterwards, so the estimate only chooses what to try. Positions where
+  `blocked_F` is True are proposed only when a group has fewer than `per_pair` others.
   """
   width, num_groups = acts_FT.shape[0], masses_TN.shape[1]
   group = width // num_groups
   kept_TN = jax.nn.one_hot(jax.lax.top_k(masses_TN, keep)[1], num_groups, dtype=acts_FT.dtype).sum(axis=1)
-  affinity_PN = (acts_FT @ kept_TN)[permutation_F]
-  own_P = affinity_PN[jnp.arange(width), jnp.arange(width) // group]
-  gain_PN = affinity_PN - own_P[:, None]
+  affinity_FN = (acts_FT @ kept_TN)[permutation_F]
+  own_F = affinity_FN[jnp.arange(width), jnp.arange(width) // group]
+  gain_FN = affinity_FN - own_F[:, None]
   if blocked_F is not None:
-    gain_PN = jnp.where(blocked_F[:, None], -jnp.inf, gain_PN)
-  gain_aWb = gain_PN.reshape(num_groups, group, num_groups)
+    gain_FN = jnp.where(blocked_F[:, None], -jnp.inf, gain_FN)
+  gain_aWb = gain_FN.reshape(num_groups, group, num_groups)
   best_aRb = jax.lax.top_k(jnp.moveaxis(gain_aWb, 1, 2), per_pair)[1]  # [a, b, r]: positions inside group a
 
   pairs = [(a, b) for a in range(num_groups) for b in range(a + 1, num_groups)]
