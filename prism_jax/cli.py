@@ -59,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
   sub = argparse.ArgumentParser(prog=f"prism {known.command}", description=commands[known.command][1])
   module.add_arguments(sub)
   args = sub.parse_args(argv[argv.index(known.command) + 1:])
-  logging.basicConfig(level=logging.DEBUG if known.verbose else logging.INFO,
-                      format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S", force=True)
+  level = logging.DEBUG if known.verbose else logging.INFO
+  root = logging.getLogger()
+  # Imports may leave absl's handler or an implicit default one on the root logger, which would
+  # make basicConfig a no-op; drop those (but keep handlers of other kinds, such as pytest's).
+  for handler in list(root.handlers):
+    if type(handler).__name__ == "ABSLHandler" or type(handler) is logging.StreamHandler:
+      root.removeHandler(handler)
+  logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+  root.setLevel(level)
   # orbax logs every save and restore through absl at INFO; keep those at -v only.
   logging.getLogger("absl").setLevel(logging.DEBUG if known.verbose else logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
