@@ -52,12 +52,12 @@ def built(model):
 
 
 def perplexity(logits, tokens):
-  logp = np.asarray(jax_log_softmax(logits))[:, :-1]
+  logp = np.asarray(log_softmax(logits))[:, :-1]
   nll = -np.take_along_axis(logp, tokens[:, 1:, None], axis=-1)
   return float(np.exp(nll.mean()))
 
 
-def jax_log_softmax(x):
+def log_softmax(x):
   x = np.asarray(x, np.float64)
   x = x - x.max(-1, keepdims=True)
   return x - np.log(np.exp(x).sum(-1, keepdims=True))

@@ -53,7 +53,8 @@ def test_solver_returns_equal_split(problem, name):
   check_equal_split(problem, name, 4, 1)
 
 
-@pytest.mark.parametrize("num_groups,keep", [(2, 1), pytest.param(4, 2, marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("num_groups,keep", [(2, 1), (4, 2)])
 def test_other_group_counts_and_keep(problem, num_groups, keep):
   greedy = check_equal_split(problem, "sa", num_groups, keep).stages["greedy"]
   annealed = check_equal_split(problem, "sa", num_groups, keep).cost

@@ -1,10 +1,11 @@
 """Benchmark the partition solvers side by side on one checkpoint.
 
-For every solver, on the same calibration profile: the objective per MoE layer relative to
-a random split, wall seconds (after a warm-up call that compiles), candidate partitions
-scored per second; then the perplexity of its partition at budgets N*K/4, N*K/2 and
-3N*K/4; then, for the solvers named by --curve-solvers, the full operating-point curve
-and its stable-point count against top-k.
+Every solver runs on the same calibration profile. Per MoE layer the script prints the
+objective relative to a random split, the wall seconds (after a warm-up call that
+compiles) and the candidate partitions scored per second. Then it prints the perplexity
+of each solver's partition at budgets N*K/4, N*K/2 and 3N*K/4. For the solvers named by
+--curve-solvers it measures the full operating-point curve and its stable-point count
+against top-k.
 
   python tests/benchmarks/bench_partition.py                       # tiny random checkpoint
   python tests/benchmarks/bench_partition.py --checkpoint DIR --calib TEXT --eval TEXT
