@@ -74,7 +74,7 @@ class OffloadedModel:
     self.parts = steps.resident_parts(config, sub, {**params, "layers": layers})
     self.cache = SlotCache(self.plan, moe, hidden_size=config.hidden_size, width=width, dtype=jnp.dtype(config.dtype),
                            policy=offload.policy)
-    self.prefetcher = Prefetcher(self.tier) if offload.prefetch else None
+    self.prefetcher = Prefetcher(self.tier, self.plan.unit_bytes) if offload.prefetch else None
     self._next_moe = dict(zip(moe, moe[1:]))
     self._lock = threading.Lock()
     self._stats = OffloadStats()

@@ -31,8 +31,8 @@ class StagedTake:
 class Prefetcher:
   """One background reader thread; staged reads are keyed by MoE layer."""
 
-  def __init__(self, tier: SlowTier):
-    self.tier = tier
+  def __init__(self, tier: SlowTier, unit_bytes: int):
+    self.tier, self.unit_bytes = tier, unit_bytes
     self._executor = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="prism-prefetch")
     self._pending: dict[int, list[tuple[np.ndarray, concurrent.futures.Future]]] = {}
 
@@ -44,41 +44,36 @@ class Prefetcher:
       self._pending.setdefault(layer, []).append((units, future))
 
   def take(self, layer: int, units: np.ndarray) -> StagedTake:
-    """Staged data for those of `units` that were prefetched (waiting for reads in flight).
+    """Staged data for those of `units` that were prefetched, waiting only for reads that have some.
 
-    Every staged read of the layer is consumed: data not among `units` counts as wasted. A
-    prefetch read that failed is ignored, so the caller's synchronous read reports the error.
+    Every staged read of the layer is consumed: units not among `units` count as wasted. A
+    read with nothing useful is cancelled, or left to finish in the background. A prefetch
+    read that failed is ignored, so the caller's synchronous read reports the error.
     """
     needed = {int(u) for u in np.asarray(units).tolist()}
     parts, wasted = [], 0
     for staged_units, future in self._pending.pop(layer, []):
       useful = [u for u in staged_units.tolist() if u in needed]
       if not useful:
-        if future.cancel():
-          continue
+        wasted += 0 if future.cancel() else len(staged_units) * self.unit_bytes
+        continue
       try:
         data = future.result()
       except SlowTierError as error:
         logger.debug("prefetch of layer %d failed (%s); reading synchronously instead", layer, error)
         continue
-      if useful:
-        parts.append(data.take(np.asarray(useful, np.int64)))
-        needed -= set(useful)
-      wasted += data.nbytes * (len(staged_units) - len(useful)) // len(staged_units)
+      parts.append(data.take(np.asarray(useful, np.int64)))
+      needed -= set(useful)
+      wasted += (len(staged_units) - len(useful)) * self.unit_bytes
     remaining = np.asarray([u for u in np.asarray(units).tolist() if u in needed], np.int64)
     return StagedTake(parts, remaining, wasted)
 
   def discard(self) -> int:
-    """Drop every staged read (after a failed step); returns the bytes read for nothing."""
+    """Drop every staged read (after a failed step); returns the bytes read, or being read, for nothing."""
     wasted = 0
     for entries in self._pending.values():
-      for _, future in entries:
-        if future.cancel():
-          continue
-        try:
-          wasted += future.result().nbytes
-        except SlowTierError:
-          pass
+      for staged_units, future in entries:
+        wasted += 0 if future.cancel() else len(staged_units) * self.unit_bytes
     self._pending.clear()
     return wasted
 
