@@ -38,6 +38,19 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                       "budgets are whole experts 1..K")
   parser.add_argument("--backend", default="auto", choices=("auto", "xla", "tiled", "tokamax"),
                       help="grouped-matmul backend (default: auto)")
+  group = parser.add_argument_group("offloading (memory-limited devices)")
+  group.add_argument("--expert-memory",
+                     help="serve in offloading mode with this much fast memory for expert weights: a fraction "
+                     "(0.25), a percentage (25%%) or a size (512MB, 2GiB); other experts are read on demand")
+  group.add_argument("--offload-dir", help="directory for the offloaded expert files on CPU (default: a temporary "
+                     "directory, deleted at exit); reused when it already contains this checkpoint and partition")
+  group.add_argument("--offload-granularity", choices=("sub_expert", "expert"), default="sub_expert",
+                     help="cache and fetch sub-experts (default) or whole experts")
+  group.add_argument("--cache-policy", choices=("lru", "lfu"), default="lru", help="eviction policy (default lru)")
+  group.add_argument("--offload-selection", default="exact",
+                     help="'exact' runs every sub-expert of the budget (default); 'mass:F' runs resident ones first "
+                     "and fetches missing ones until a fraction F of the routing mass runs; 'min:M' until M per token")
+  group.add_argument("--no-prefetch", action="store_true", help="do not prefetch the next layer's likely experts")
 
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
@@ -107,9 +120,18 @@ def ensure_info_logging() -> None:
         handler.setFormatter(formatter)
 
 
-def load_model(args: argparse.Namespace):
+def load_model(args: argparse.Namespace, *, max_batch: int = 1):
+  """Load the checkpoint, in offloading mode when --expert-memory is given (raises ValueError on bad settings)."""
   import prism_jax  # pylint: disable=import-outside-toplevel
 
   # orbax logs every restored item at INFO through absl; keep the serve log readable.
   logging.getLogger("absl").setLevel(logging.WARNING)
-  return prism_jax.load(args.checkpoint, args.partition, backend=args.backend)
+  if getattr(args, "expert_memory", None) is None:
+    return prism_jax.load(args.checkpoint, args.partition, backend=args.backend)
+  from serve.offload import OffloadConfig, Selection, load_offloaded  # pylint: disable=import-outside-toplevel
+
+  offload = OffloadConfig(expert_memory=args.expert_memory, granularity=args.offload_granularity,
+                          policy=args.cache_policy, prefetch=not args.no_prefetch,
+                          selection=Selection.parse(args.offload_selection), offload_dir=args.offload_dir,
+                          max_batch=max_batch)
+  return load_offloaded(args.checkpoint, args.partition, offload, backend=args.backend)

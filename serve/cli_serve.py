@@ -61,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
                    "set --api-key-file", args.host)
 
   try:
-    model = load_model(args)
+    model = load_model(args, max_batch=config.max_batch)
   except (ValueError, FileNotFoundError) as error:
     print(f"prism serve: {error}", file=sys.stderr)
     return 2
@@ -81,5 +81,8 @@ def run(args: argparse.Namespace) -> int:
     engine.stop(drain=False)
     print(f"prism serve: {error}", file=sys.stderr)
     return 1
+  finally:
+    if hasattr(model, "close"):  # an OffloadedModel: stop its prefetch thread, delete a temporary offload dir
+      model.close()
   logger.info("server stopped cleanly")
   return 0

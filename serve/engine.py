@@ -23,6 +23,7 @@ from serve.latency import LatencyTable, measure_latency
 from serve.request import (Completion, EngineStopped, InvalidRequest, Listener, QoS, QueueFull, RequestHandle,
                            SamplingParams)
 from serve.runner import ModelRunner, StepBatch, StepRunner, enable_compilation_cache
+from serve.offload import OffloadConfig, OffloadedModel, OffloadRunner, offload_model
 from serve.scheduler import QueueView, StepPlan, make_scheduler
 from serve.sequence import Phase, Sequence
 from serve.step import StepRecord, build_step_batch, finish_completion, process_token
@@ -101,10 +102,20 @@ class Engine:
     self._steps = 0
 
   @classmethod
-  def from_model(cls, model, config: EngineConfig = EngineConfig(), **kwargs) -> Engine:
-    """Build an engine over a `PrismModel`, using its tokenizer unless `tokenizer=` is given."""
+  def from_model(cls, model, config: EngineConfig = EngineConfig(), *, expert_memory=None, **kwargs) -> Engine:
+    """Build an engine over a `PrismModel` or an `OffloadedModel`; uses its tokenizer unless `tokenizer=` is given.
+
+    `expert_memory` ('25%', 0.25, '512MB' or bytes) serves a `PrismModel` in offloading mode
+    with that much fast memory for expert weights. The PrismModel keeps its own copy of the
+    experts, so to save device memory load with `serve.offload.load_offloaded` instead.
+    """
     max_len = config.max_len or model.config.max_position_embeddings
-    runner = ModelRunner(model, num_slots=config.max_batch, max_len=max_len)
+    if expert_memory is not None and not isinstance(model, OffloadedModel):
+      model = offload_model(model, OffloadConfig(expert_memory=expert_memory, max_batch=config.max_batch))
+    if isinstance(model, OffloadedModel):
+      runner = OffloadRunner(model, num_slots=config.max_batch, max_len=max_len)
+    else:
+      runner = ModelRunner(model, num_slots=config.max_batch, max_len=max_len)
     kwargs.setdefault("tokenizer", model.tokenizer)
     kwargs.setdefault("bos_token_id", model.config.bos_token_id)
     return cls(runner, config, **kwargs)
@@ -116,7 +127,7 @@ class Engine:
     if self.scheduler is not None:
       return self
     cache_dir = self.config.cache_dir()
-    if cache_dir is not None and isinstance(self.runner, ModelRunner):
+    if cache_dir is not None and isinstance(self.runner, (ModelRunner, OffloadRunner)):
       enable_compilation_cache(cache_dir)
     self.runner.compile(self.programs, workers=self.config.compile_workers, progress=self.progress)
     if self.latency is not None:
