@@ -6,7 +6,7 @@ token with the full model, routed-expert FLOPs per token (shared experts, attent
 routing excluded) and the median time of a jitted forward pass over one batch.
 
 The top-k baseline keeps the first k ranked experts with the weights of the full top-K
-routing (normalized over K when the config sets norm_topk_prob) and does not renormalize
+routing, normalized over K when the config sets norm_topk_prob. It does not renormalize
 them over k, exactly as budgets of the compound router keep their parent's weights. Pass
 `renormalize_top_k=True` for the other convention.
 

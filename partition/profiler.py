@@ -100,7 +100,7 @@ def profile_layers(model: PrismModel, sequences: Sequences, config: ProfileConfi
   valid_chunks = [jnp.asarray(valid_BT[r:r + config.batch_size]) for r in rows]
   rng = np.random.default_rng(config.seed)
 
-  for layer, block in enumerate(tqdm(decoder.layers, desc="profile", unit="layer", leave=False)):
+  for layer, block in enumerate(tqdm(decoder.layers, desc="layers", unit="layer", leave=False)):
     graphdef, state = nnx.split(block)
     steps = [attention_step(graphdef, mc, state, x) for x in x_chunks]
     x_chunks = [x for x, _ in steps]

@@ -29,7 +29,7 @@ Stages = dict[str, jax.Array]
 
 
 def _better_of(acts, first, second, n, keep) -> jax.Array:
-  """Per expert, the lower-cost of two permutations [E, F]."""
+  """Pick, per expert, the lower-cost of two permutations [E, F]."""
   first_wins = expert_costs(acts, first, n, keep) <= expert_costs(acts, second, n, keep)
   return jnp.where(first_wins[:, None], first, second)
 

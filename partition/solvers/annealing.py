@@ -2,8 +2,9 @@
 
 From the greedy balanced split, each step proposes one random swap between two groups,
 accepts it when it lowers the cost or with probability exp(-delta / temperature), and
-multiplies the temperature by `cooling`. The best partition seen is kept. The paper's
-settings are 100k steps, initial temperature 100 and cooling 0.995 per step. All experts
+multiplies the temperature by `cooling`. The best partition seen is kept. MoE-Prism
+(Xia et al., arXiv 2510.19366) uses 100k steps, initial temperature 100 and cooling 0.995
+per step. All experts
 of a layer anneal side by side in one `lax.scan`.
 """
 

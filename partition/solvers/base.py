@@ -1,4 +1,4 @@
-"""What every solver returns, and conversions between the partition encodings."""
+"""Solver results and conversions between the partition encodings."""
 
 from __future__ import annotations
 

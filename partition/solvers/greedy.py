@@ -2,7 +2,7 @@
 
 Every group starts from one anchor neuron, chosen far apart: the heaviest neuron first,
 then repeatedly the neuron with the largest mass x (1 - max cosine similarity to the
-anchors so far). The other neurons follow in order of decreasing total mass; each joins
+anchors so far). The other neurons follow in order of decreasing total mass. Each joins
 the group, among those not yet full, whose objective grows least when it joins. With
 keep = 1 that is the group whose mass already dominates on the tokens where the neuron
 fires, so co-active neurons end up together.

@@ -16,7 +16,7 @@ from partition.objective import labels_from_permutation, token_costs
 
 
 def masses_of(acts_FT: jax.Array, permutation_F: jax.Array, num_groups: int) -> jax.Array:
-  """Group masses [T, N] of one expert's partition."""
+  """Compute the group masses [T, N] of one expert's partition."""
   labels_F = labels_from_permutation(permutation_F, num_groups)
   onehot_FN = jax.nn.one_hot(labels_F, num_groups, dtype=acts_FT.dtype)
   return jnp.einsum("ft,fn->tn", acts_FT, onehot_FN, precision=jax.lax.Precision.HIGHEST)
@@ -45,7 +45,7 @@ def swapped_masses(acts_FT: jax.Array, permutation_F: jax.Array, masses_TN: jax.
 
 def swap_costs(acts_FT: jax.Array, permutation_F: jax.Array, masses_TN: jax.Array, p_M: jax.Array, q_M: jax.Array,
                group: int, keep: int) -> tuple[jax.Array, jax.Array]:
-  """Costs [M] after each of M swaps, and the masses [M, T, N] they lead to."""
+  """Score M swaps: the costs [M] after each and the masses [M, T, N] they lead to."""
   masses_MTN = swapped_masses(acts_FT, permutation_F, masses_TN, p_M, q_M, group)
   return jnp.sum(token_costs(masses_MTN, keep), axis=-1), masses_MTN
 
@@ -57,7 +57,7 @@ def apply_swap(permutation_F: jax.Array, p: jax.Array, q: jax.Array) -> jax.Arra
 
 def guided_swaps(acts_FT: jax.Array, permutation_F: jax.Array, masses_TN: jax.Array, keep: int,
                  per_pair: int, blocked_F: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-  """Swap proposals ranked by a first-order estimate of their gain.
+  """Propose swaps ranked by a first-order estimate of their gain.
 
   Moving neuron j from group a to group b lowers the cost, to first order, by
   gain[j, b] = A[j, b] - A[j, a], where A[j, s] is j's mass on the tokens whose `keep`
