@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
   args = sub.parse_args(argv[argv.index(known.command) + 1:])
   level = logging.DEBUG if known.verbose else logging.INFO
   root = logging.getLogger()
-  # Imports may leave absl's handler or an implicit default one on the root logger, which would
-  # make basicConfig a no-op; drop those (but keep handlers of other kinds, such as pytest's).
+  # Imports may leave absl's handler or an implicit default handler on the root logger, and
+  # basicConfig does nothing while one is there. Drop those two kinds and keep the rest (pytest's).
   for handler in list(root.handlers):
     if type(handler).__name__ == "ABSLHandler" or type(handler) is logging.StreamHandler:
       root.removeHandler(handler)

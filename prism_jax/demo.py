@@ -58,7 +58,7 @@ SETTINGS_FILE = "demo_settings.json"
 
 
 def _reusable(folder: Path, marker: str, settings: dict) -> bool:
-  """True when `folder` holds a completed step that was run with the same settings.
+  """True when `folder` contains a completed step that was run with the same settings.
 
   A completed step run with other settings is removed so that it is computed again.
   """
