@@ -53,7 +53,15 @@ def load_token_ids(path: str | os.PathLike, tokenizer: Any, *, label: str = "tex
   if path.suffix == ".npy":
     if not path.is_file():
       raise FileNotFoundError(f"{label} file {path} not found")
-    return np.asarray(np.load(path), np.int32).reshape(-1)
+    try:
+      ids = np.load(path, allow_pickle=False)
+    except ValueError as error:
+      raise ValueError(f"{label} file {path} is not a NumPy array of token ids ({error}); save ids with np.save") \
+          from error
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"{label} file {path} contains {ids.dtype} values, not integer token ids; save the ids as an "
+                       "integer array")
+    return np.asarray(ids, np.int32).reshape(-1)
   if tokenizer is None:
     raise ValueError(f"the checkpoint has no tokenizer (tokenizer/tokenizer.json), so {label} file {path} cannot "
                      "be tokenized; convert the checkpoint with its tokenizer or pass token ids as a .npy file")
@@ -68,6 +76,8 @@ def make_sequences(ids: Sequence[int] | np.ndarray, sequence_length: int, *, bos
   A 2-D array is taken as rows already cut (all valid). The last row is padded and its
   padding marked invalid.
   """
+  if max_tokens is not None and max_tokens < 1:
+    raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
   ids = np.asarray(ids)
   if ids.ndim == 2:
     tokens = ids.astype(np.int32)
