@@ -149,7 +149,7 @@ class ModelConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SubExpertConfig:
-  """How each expert is split into N sub-experts at run time."""
+  """Run-time split of each expert into N sub-experts, and the router that picks among them."""
 
   num_sub_experts: int = 1
   router: RouterKind = "compound"

@@ -25,6 +25,13 @@ class ForwardOutput:
   moe: tuple[MoEInfo, ...]
 
 
+def init_cache(config: ModelConfig, batch: int, max_len: int) -> KVCache:
+  """Build a zeroed KV cache for `batch` rows of up to `max_len` positions."""
+  shape = (batch, max_len, config.num_kv_heads, config.head_dim)
+  dtype = jnp.dtype(config.dtype)
+  return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(config.num_layers))
+
+
 class Block(nnx.Module):
   """Pre-norm residual block: attention, then a dense or sub-expert MoE feed-forward."""
 
@@ -61,11 +68,7 @@ class Decoder(nnx.Module):
                                 param_dtype=dtype, rngs=rngs)
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
-    """Zeroed KV cache for `batch` rows of up to `max_len` positions."""
-    c = self.config
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-    dtype = jnp.dtype(c.dtype)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+    return init_cache(self.config, batch, max_len)
 
   def __call__(
       self,

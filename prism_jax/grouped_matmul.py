@@ -57,7 +57,7 @@ def _tiled(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array, tile
   num_rows, _ = lhs_SD.shape
   num_groups = rhs_GDF.shape[0]
   m = tile_rows
-  # Every non-empty tile holds at least one row, and each group adds at most one partial tile.
+  # Every non-empty tile contains at least one row, and each group adds at most one partial tile.
   num_tiles = min(-(-num_rows // m) + min(num_groups, num_rows), num_rows)
 
   # Worked example, m=2, group_sizes=[3, 0, 1]: row starts [0, 3, 3], tiles per group [2, 0, 1],

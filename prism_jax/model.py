@@ -16,7 +16,7 @@ from flax import nnx
 from prism_jax.budget import check_budget
 from prism_jax.checkpoint import TOKENIZER_DIR, load_params
 from prism_jax.config import Backend, ModelConfig, SubExpertConfig
-from prism_jax.decoder import Decoder, ForwardOutput, KVCache
+from prism_jax.decoder import Decoder, ForwardOutput, KVCache, init_cache
 from prism_jax.moe import Dispatch
 from prism_jax.subexperts import Partition, split_expert_params
 
@@ -57,7 +57,7 @@ class PrismModel:
     return self.sub.num_sub_experts
 
   def module(self) -> Decoder:
-    """The Flax module with this model's weights (for code that wants the nnx object)."""
+    """Merge this model's weights into its Flax NNX module and return it."""
     return nnx.merge(self.graphdef, self.state)
 
   def check_budget(self, budget: int | None) -> int | None:
@@ -86,10 +86,7 @@ class PrismModel:
     return self.forward(tokens_BT, budget=budget, **kwargs).logits_BTV
 
   def init_cache(self, batch: int, max_len: int) -> KVCache:
-    c = self.config
-    shape = (batch, max_len, c.num_kv_heads, c.head_dim)
-    dtype = jnp.dtype(c.dtype)
-    return tuple((jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_layers))
+    return init_cache(self.config, batch, max_len)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "budget", "hidden_only"))
@@ -132,7 +129,7 @@ def _check_tree(expected: dict, actual: dict, prefix: str = "") -> None:
 
 
 def load_tokenizer(path: Path):
-  """The checkpoint's `tokenizers.Tokenizer`, or None when it ships no tokenizer.json."""
+  """Load the checkpoint's `tokenizers.Tokenizer`, or return None when it has no tokenizer.json."""
   file = Path(path) / TOKENIZER_DIR / "tokenizer.json"
   if not file.is_file():
     return None

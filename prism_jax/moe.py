@@ -32,7 +32,7 @@ class Assignments:
 
 @struct.dataclass
 class MoEInfo:
-  """What one MoE layer did: parent router probabilities and top-k experts, sub-experts run per token."""
+  """Record of one MoE layer call: parent router probabilities, top-k experts, sub-experts run per token."""
 
   router_probs_SE: jax.Array
   top_experts_SK: jax.Array

@@ -1,6 +1,6 @@
 """Partition artifact on disk: `partition.json` (readable summary) + `tensors.npz`.
 
-`partition.json` holds at least: format_version, num_sub_experts, router,
+`partition.json` contains at least: format_version, num_sub_experts, router,
 num_core_neurons, fingerprint (of the checkpoint it was built for), moe_layers, and
 whatever summary the builder adds (solver, objectives, calibration, wall seconds).
 `tensors.npz` holds `layer_{i}.permutation` [E, F], `layer_{i}.core` [E, N, C] and, for

@@ -17,7 +17,7 @@ _GROUPED = ("gate", "up", "down")
 
 
 def expert_mesh(num_devices: int | None = None) -> Mesh:
-  """A 1-D mesh named `expert` over the first `num_devices` devices (all by default)."""
+  """Build a 1-D mesh named `expert` over the first `num_devices` devices (all by default)."""
   devices = jax.devices()
   num_devices = num_devices or len(devices)
   if num_devices > len(devices):

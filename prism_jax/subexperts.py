@@ -1,7 +1,7 @@
 """Neuron partitions and how they turn an expert-layout model into a sub-expert one.
 
-A `Partition` holds, per MoE layer, a neuron permutation of every expert ([E, F]): after
-permuting, sub-expert s of expert e is neurons s*F/N .. (s+1)*F/N - 1. It also holds the
+A `Partition` contains, per MoE layer, a neuron permutation of every expert ([E, F]): after
+permuting, sub-expert s of expert e is neurons s*F/N .. (s+1)*F/N - 1. It also contains the
 core neurons of each sub-expert ([E, N, C], positions inside the sub-expert) for the
 compound router, and optionally a linear router [D, G].
 """
