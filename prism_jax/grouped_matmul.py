@@ -6,10 +6,10 @@ past `sum(group_sizes)` come out as zeros. Backends:
 
 - `xla`: `jax.lax.ragged_dot`. The accelerator path. XLA:CPU lowers it to a masked dense
   product that costs G times the useful work, so it is not the CPU default.
-- `tiled`: the CPU default; its work follows the rows that exist. With few rows per
-  group (decode), each row is multiplied by its own group's gathered weight. With many
-  (prefill), a group-major batched pass takes the first C rows of every group and an
-  overflow loop the rest (`capacity_matmul`).
+- `tiled`: the CPU default; its work follows the rows that exist. With fewer rows than
+  half the groups (decode), each row is multiplied by its own group's weight in one fused
+  reduction. Otherwise groups are cut into tiles of m rows and a loop multiplies a
+  cache-sized chunk of tiles at a time (`tile_matmul`).
 - `tokamax`: the tokamax kernels, used only when the package is installed and the
   platform is an accelerator.
 """
@@ -23,8 +23,8 @@ import logging
 import jax
 import jax.numpy as jnp
 
-from prism_jax.capacity_matmul import capacity_matmul, default_capacity
 from prism_jax.config import Backend
+from prism_jax.tile_matmul import default_tiling, tile_matmul
 
 logger = logging.getLogger(__name__)
 
@@ -53,37 +53,18 @@ def resolve_backend(backend: Backend = "auto", platform: str | None = None) -> s
   return "tokamax" if tokamax_available() else "xla"
 
 
-def _tiled(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array, tile_rows: int) -> jax.Array:
-  num_rows, _ = lhs_SD.shape
-  num_groups = rhs_GDF.shape[0]
-  m = tile_rows
-  # Every non-empty tile contains at least one row, and each group adds at most one partial tile.
-  num_tiles = min(-(-num_rows // m) + min(num_groups, num_rows), num_rows)
+def _per_row(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
+  """Multiply each row by its own group's weight, for decode-sized inputs with most groups empty.
 
-  # Worked example, m=2, group_sizes=[3, 0, 1]: row starts [0, 3, 3], tiles per group [2, 0, 1],
-  # tile ends [2, 2, 3]; tile 0 -> group 0 rows 0-1, tile 1 -> group 0 row 2, tile 2 -> group 2 row 3.
-  sizes_G = group_sizes_G.astype(jnp.int32)
-  row_start_G = jnp.cumsum(sizes_G) - sizes_G
-  tiles_G = (sizes_G + m - 1) // m
-  tile_end_G = jnp.cumsum(tiles_G)
-  tile_ids = jnp.arange(num_tiles, dtype=jnp.int32)
-  group_of_tile = jnp.searchsorted(tile_end_G, tile_ids, side="right").astype(jnp.int32)
-  tile_valid = group_of_tile < num_groups
-  group_of_tile = jnp.minimum(group_of_tile, num_groups - 1)
-  local_tile = tile_ids - (tile_end_G[group_of_tile] - tiles_G[group_of_tile])
-  first_row = row_start_G[group_of_tile] + local_tile * m
-  rows_left = sizes_G[group_of_tile] - local_tile * m
-
-  offsets = jnp.arange(m, dtype=jnp.int32)
-  row_valid_Tm = tile_valid[:, None] & (offsets[None, :] < rows_left[:, None])
-  row_index_Tm = jnp.where(row_valid_Tm, first_row[:, None] + offsets[None, :], num_rows)
-
-  lhs_TmD = jnp.take(lhs_SD, row_index_Tm, axis=0, mode="fill", fill_value=0)
-  rhs_TDF = jnp.take(rhs_GDF, group_of_tile, axis=0)
-  out_TmF = jnp.einsum("tmd,tdf->tmf", lhs_TmD, rhs_TDF, preferred_element_type=jnp.float32)
-  out_SF = jnp.zeros((num_rows, rhs_GDF.shape[-1]), jnp.float32)
-  out_SF = out_SF.at[row_index_Tm.reshape(-1)].set(out_TmF.reshape(-1, out_TmF.shape[-1]), mode="drop")
-  return out_SF.astype(lhs_SD.dtype)
+  The product is a multiply-and-sum rather than a gather followed by a matmul, so XLA can fuse
+  the weight gather into the reduction instead of copying the weights first.
+  """
+  num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
+  row_end_G = jnp.cumsum(group_sizes_G.astype(jnp.int32))
+  row_ids = jnp.arange(num_rows, dtype=jnp.int32)
+  group_S = jnp.minimum(jnp.searchsorted(row_end_G, row_ids, side="right"), num_groups - 1)
+  out_SF = jnp.sum(lhs_SD[:, :, None].astype(jnp.float32) * rhs_GDF[group_S], axis=1)
+  return jnp.where((row_ids < row_end_G[-1])[:, None], out_SF, 0).astype(lhs_SD.dtype)
 
 
 def _tokamax(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
@@ -115,10 +96,8 @@ def grouped_matmul(
   if chosen == "tokamax":
     return _tokamax(lhs_SD, rhs_GDF, group_sizes_G)
   num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
-  if tile_rows is not None:
-    return _tiled(lhs_SD, rhs_GDF, group_sizes_G, tile_rows)
-  # Fewer rows than half the groups: most groups are empty, so gather only the weights rows need.
-  if 2 * num_rows < num_groups:
-    return _tiled(lhs_SD, rhs_GDF, group_sizes_G, 1)
-  capacity, tile = default_capacity(num_rows, num_groups)
-  return capacity_matmul(lhs_SD, rhs_GDF, group_sizes_G, capacity, tile)
+  if tile_rows is None and 2 * num_rows < num_groups:
+    return _per_row(lhs_SD, rhs_GDF, group_sizes_G)
+  weight_bytes = rhs_GDF.shape[1] * rhs_GDF.shape[2] * rhs_GDF.dtype.itemsize
+  default_rows, chunk_tiles = default_tiling(num_rows, num_groups, weight_bytes)
+  return tile_matmul(lhs_SD, rhs_GDF, group_sizes_G, tile_rows or default_rows, chunk_tiles)

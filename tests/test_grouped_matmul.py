@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from prism_jax.capacity_matmul import capacity_matmul
 from prism_jax.grouped_matmul import grouped_matmul, resolve_backend
+from prism_jax.tile_matmul import tile_matmul
 
 
 def loop_reference(lhs, rhs, sizes):
@@ -26,7 +26,7 @@ def problem(num_rows, num_groups, used_rows, seed=0, concentration=0.5):
   return lhs, rhs, sizes
 
 
-# (rows, groups, used rows): per-row path, capacity path with heavy overflow, empty groups, no rows used.
+# (rows, groups, used rows): decode-sized, one busy group, few large groups, empty groups, no rows used.
 SHAPES = [(5, 16, 5), (40, 16, 33), (300, 6, 290), (257, 32, 200), (64, 8, 0)]
 
 
@@ -42,19 +42,19 @@ def test_backend_matches_loop(backend, tile_rows, shape):
   assert err <= 1e-4, f"max abs err {err:.2e}"
 
 
-@pytest.mark.parametrize("capacity,tile", [(1, 4), (8, 4), (16, 8), (64, 64)])
-def test_capacity_gradients_match_xla(capacity, tile):
+@pytest.mark.parametrize("tile_rows,chunk_tiles", [(1, 4), (8, 4), (16, 1), (64, 64)])
+def test_tile_gradients_match_xla(tile_rows, chunk_tiles):
   lhs, rhs, sizes = problem(200, 12, 180, seed=1)
   sizes = jnp.asarray(sizes)
 
   def loss_xla(a, b):
     return jnp.sum(jnp.sin(jax.lax.ragged_dot(a, b, sizes)))
 
-  def loss_capacity(a, b):
-    return jnp.sum(jnp.sin(capacity_matmul(a, b, sizes, capacity, tile)))
+  def loss_tiled(a, b):
+    return jnp.sum(jnp.sin(tile_matmul(a, b, sizes, tile_rows, chunk_tiles)))
 
   want = jax.grad(loss_xla, argnums=(0, 1))(lhs, rhs)
-  got = jax.jit(jax.grad(loss_capacity, argnums=(0, 1)))(lhs, rhs)
+  got = jax.jit(jax.grad(loss_tiled, argnums=(0, 1)))(lhs, rhs)
   for name, g, w in zip(("d lhs", "d rhs"), got, want):
     err = np.abs(np.asarray(g) - np.asarray(w)).max()
     assert err <= 1e-4, f"{name}: max abs err {err:.2e}"
