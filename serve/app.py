@@ -88,6 +88,9 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServeMetrics | Non
   async def prometheus() -> Response:
     stats = engine.stats()
     metrics.set_queue(stats.waiting, stats.running)
+    offload = engine.offload_stats()
+    if offload is not None:
+      metrics.set_offload(offload)
     text, content_type = metrics.render()
     return Response(text, media_type=content_type)
 

@@ -23,7 +23,7 @@ from serve.latency import LatencyTable, measure_latency
 from serve.request import (Completion, EngineStopped, InvalidRequest, Listener, QoS, QueueFull, RequestHandle,
                            SamplingParams)
 from serve.runner import ModelRunner, StepBatch, StepRunner, enable_compilation_cache
-from serve.offload import OffloadConfig, OffloadedModel, OffloadRunner, offload_model
+from serve.offload import OffloadConfig, OffloadedModel, OffloadRunner, OffloadStats, offload_model
 from serve.scheduler import QueueView, StepPlan, make_scheduler
 from serve.sequence import Phase, Sequence
 from serve.step import StepRecord, build_step_batch, finish_completion, process_token
@@ -194,6 +194,12 @@ class Engine:
   def stats(self) -> EngineStats:
     return EngineStats(waiting=self._queued, running=sum(s is not None for s in self._slots), steps=self._steps,
                        programs=len(self.programs), accepting=self._accepting)
+
+  def offload_stats(self) -> OffloadStats | None:
+    """Totals of the expert cache since the engine compiled, or None when not in offloading mode."""
+    if isinstance(self.runner, OffloadRunner):
+      return self.runner.model.stats()
+    return None
 
   # ---- requests ------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import threading
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from serve.offload.stats import OffloadStats
 from serve.request import Completion
 from serve.step import StepRecord
 
@@ -57,6 +58,20 @@ class ServeMetrics:
                                 "(1 until one finishes)", registry=r)
     self.slo_attainment.set(1.0)
 
+    # Offloading mode: totals read from the expert cache at each scrape.
+    self.offload_hit_rate = Gauge("prism_offload_hit_rate", "Expert-cache hits over accesses", registry=r)
+    self.offload_bytes = Gauge("prism_offload_fetched_bytes", "Bytes read from the slow tier", registry=r)
+    self.offload_bytes_per_token = Gauge("prism_offload_fetched_bytes_per_token",
+                                         "Bytes read from the slow tier per token", registry=r)
+    self.offload_stall = Gauge("prism_offload_stall_seconds", "Time steps waited for expert weights", registry=r)
+    self.offload_stall_per_token = Gauge("prism_offload_stall_seconds_per_token",
+                                         "Time steps waited for expert weights, per token", registry=r)
+    self.offload_tokens = Gauge("prism_offload_tokens", "Tokens run in offloading mode", registry=r)
+    self.offload_sub_experts = Gauge("prism_offload_sub_experts_per_token",
+                                     "Sub-experts run per token per MoE layer", registry=r)
+    self.offload_mass = Gauge("prism_offload_mass_coverage", "Fraction of the budget's routing mass that ran",
+                              registry=r)
+
     self._lock = threading.Lock()
     self._slo_counts = [0, 0]  # met, total
 
@@ -96,6 +111,16 @@ class ServeMetrics:
   def set_queue(self, waiting: int, running: int) -> None:
     self.queue_length.set(waiting)
     self.running.set(running)
+
+  def set_offload(self, stats: OffloadStats) -> None:
+    self.offload_hit_rate.set(stats.hit_rate)
+    self.offload_bytes.set(stats.bytes_fetched)
+    self.offload_bytes_per_token.set(stats.bytes_per_token)
+    self.offload_stall.set(stats.stall_s)
+    self.offload_stall_per_token.set(stats.stall_s_per_token)
+    self.offload_tokens.set(stats.tokens)
+    self.offload_sub_experts.set(stats.sub_experts_per_token)
+    self.offload_mass.set(stats.mass_coverage)
 
   def render(self) -> tuple[bytes, str]:
     """Render the exposition text; returns (body, content type)."""

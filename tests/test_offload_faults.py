@@ -112,6 +112,28 @@ def test_engine_serves_and_survives_a_broken_tier(model, offload, tmp_path):
   assert offload.stats().failed_steps == 1, offload.stats()
 
 
+def test_metrics_report_offload_totals(model, offload):
+  from fastapi.testclient import TestClient
+
+  from serve.app import ServerConfig, create_app
+
+  config = EngineConfig(batch_buckets=(BATCH,), token_buckets=(TOKENS,), budgets=(BUDGET,), max_len=MAX_LEN,
+                        profile_repeats=0, compilation_cache_dir=None)
+  engine = Engine(OffloadRunner(offload, num_slots=BATCH, max_len=MAX_LEN), config, progress=False)
+  handle = engine.submit([5, 9, 2], SamplingParams(max_tokens=3))
+  engine.run_until_idle()
+  assert handle.result(0).finish_reason == "length"
+
+  stats = engine.offload_stats()
+  assert stats.tokens > 0
+  assert stats.bytes_fetched > 0
+  text = TestClient(create_app(engine, ServerConfig(model_name="tiny"))).get("/metrics").text
+  assert f"prism_offload_fetched_bytes {float(stats.bytes_fetched)}" in text
+  assert f"prism_offload_tokens {float(stats.tokens)}" in text
+  assert "prism_offload_hit_rate " in text
+  assert "prism_offload_stall_seconds_per_token " in text
+
+
 @pytest.mark.slow
 def test_host_tier_on_cpu_matches_resident_model(model, batches, tmp_path):
   # The accelerator path (pinned host memory) exercised on CPU, where both tiers are RAM.
