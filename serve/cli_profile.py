@@ -7,8 +7,9 @@ import sys
 from pathlib import Path
 
 from serve.cli_args import add_engine_arguments, add_model_arguments, engine_config, ensure_info_logging, load_model
+from serve.engine import runner_for
 from serve.latency import measure_latency
-from serve.runner import ModelRunner, enable_compilation_cache
+from serve.runner import enable_compilation_cache
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"prism profile: {error}", file=sys.stderr)
     return 2
   try:
-    model = load_model(args)
+    model = load_model(args, max_batch=config.max_batch)
   except (ValueError, FileNotFoundError) as error:
     print(f"prism profile: {error}", file=sys.stderr)
     return 2
@@ -39,8 +40,15 @@ def run(args: argparse.Namespace) -> int:
     return 2
   if config.cache_dir() is not None:
     enable_compilation_cache(config.cache_dir())
-  runner = ModelRunner(model, num_slots=config.max_batch,
-                       max_len=config.max_len or model.config.max_position_embeddings)
+  try:
+    return _profile(args, config, model, programs)
+  finally:
+    if hasattr(model, "close"):  # an OffloadedModel: stop its prefetch thread, delete a temporary offload dir
+      model.close()
+
+
+def _profile(args, config, model, programs) -> int:
+  runner = runner_for(model, num_slots=config.max_batch, max_len=config.max_len or model.config.max_position_embeddings)
   runner.compile(programs, workers=config.compile_workers)
   meta = {
       "fingerprint": model.fingerprint,
@@ -48,6 +56,7 @@ def run(args: argparse.Namespace) -> int:
       "num_sub_experts": model.num_sub_experts,
       "full_budget": model.full_budget,
       "max_len": runner.max_len,
+      "expert_memory": getattr(args, "expert_memory", None),
   }
   table = measure_latency(runner, programs, repeats=args.repeats, meta=meta)
   table.save(args.out)
@@ -56,4 +65,9 @@ def run(args: argparse.Namespace) -> int:
   for program, seconds in sorted(table.seconds.items()):
     print(f"{program.batch:>5} {program.tokens:>6} {program.budget:>6} {seconds * 1e3:>9.3f}")
   print(f"wrote {len(table.seconds)} entries to {args.out}")
+  offload = getattr(model, "stats", None)
+  if offload is not None:
+    stats = offload()
+    print(f"expert cache while timing: hit rate {stats.hit_rate:.1%}, {stats.bytes_per_token / 1e6:.2f} MB fetched "
+          f"and {stats.stall_s_per_token * 1e3:.2f} ms stalled per token")
   return 0

@@ -42,6 +42,13 @@ class EngineObserver(Protocol):
     ...
 
 
+def runner_for(model, *, num_slots: int, max_len: int) -> ModelRunner | OffloadRunner:
+  """Build the step runner of a `PrismModel` (compiled programs) or an `OffloadedModel`."""
+  if isinstance(model, OffloadedModel):
+    return OffloadRunner(model, num_slots=num_slots, max_len=max_len)
+  return ModelRunner(model, num_slots=num_slots, max_len=max_len)
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineStats:
   """A snapshot for health checks: queue length, requests holding slots, steps run, programs."""
@@ -112,10 +119,7 @@ class Engine:
     max_len = config.max_len or model.config.max_position_embeddings
     if expert_memory is not None and not isinstance(model, OffloadedModel):
       model = offload_model(model, OffloadConfig(expert_memory=expert_memory, max_batch=config.max_batch))
-    if isinstance(model, OffloadedModel):
-      runner = OffloadRunner(model, num_slots=config.max_batch, max_len=max_len)
-    else:
-      runner = ModelRunner(model, num_slots=config.max_batch, max_len=max_len)
+    runner = runner_for(model, num_slots=config.max_batch, max_len=max_len)
     kwargs.setdefault("tokenizer", model.tokenizer)
     kwargs.setdefault("bos_token_id", model.config.bos_token_id)
     return cls(runner, config, **kwargs)
@@ -196,7 +200,7 @@ class Engine:
                        programs=len(self.programs), accepting=self._accepting)
 
   def offload_stats(self) -> OffloadStats | None:
-    """Totals of the expert cache since the engine compiled, or None when not in offloading mode."""
+    """Return the expert cache totals since the engine compiled, or None outside offloading mode."""
     if isinstance(self.runner, OffloadRunner):
       return self.runner.model.stats()
     return None

@@ -39,6 +39,19 @@ def test_profile_writes_table(served, tmp_path):
   assert table.meta["fingerprint"] == json.loads((checkpoint / "prism.json").read_text())["fingerprint"]
 
 
+def test_profile_offloaded_model(served, tmp_path, capsys):
+  checkpoint, partition, cache = served
+  out = tmp_path / "table.json"
+  code = main(["profile", str(checkpoint), "--partition", str(partition), "--out", str(out), "--repeats", "1",
+               "--expert-memory", "50%", "--offload-dir", str(tmp_path / "offload"),
+               "--compilation-cache-dir", str(cache), *ENGINE_FLAGS])
+  assert code == 0
+  table = LatencyTable.load(out)
+  assert sorted(table.seconds) == [(2, 1, 8), (2, 16, 8)]
+  assert table.meta["expert_memory"] == "50%"
+  assert "expert cache while timing: hit rate" in capsys.readouterr().out
+
+
 def test_profile_rejects_bad_flags(served, tmp_path, capsys):
   checkpoint, partition, _ = served
   code = main(["profile", str(checkpoint), "--partition", str(partition), "--out", str(tmp_path / "t.json"),
