@@ -58,6 +58,39 @@ def route_parent(x_SD: jax.Array, router_DE: jax.Array, top_k: int,
   return weights_SK, experts_SK, probs_SE
 
 
+def core_scores(x_SD: jax.Array, core_gate_DC: jax.Array, core_up_DC: jax.Array, experts_SK: jax.Array,
+                num_experts: int, num_sub_experts: int) -> jax.Array:
+  """Score the sub-experts of each chosen expert by mean |silu(g) * u| over their core neurons: [S, K, N]."""
+  x = x_SD.astype(core_gate_DC.dtype)
+  act = jnp.abs(jax.nn.silu(x @ core_gate_DC) * (x @ core_up_DC)).astype(jnp.float32)
+  score_SEN = act.reshape(x_SD.shape[0], num_experts, num_sub_experts, -1).mean(axis=-1)
+  return jnp.take_along_axis(score_SEN, experts_SK[:, :, None], axis=1)
+
+
+def rank_sub_experts(score_SKN: jax.Array) -> jax.Array:
+  """Order sub-experts by descending score; ties keep the lower sub-expert index first (stable sort)."""
+  return jnp.argsort(-score_SKN, axis=-1, stable=True)
+
+
+def linear_route(x_SD: jax.Array, linear_router_DG: jax.Array, num_sub_experts: int, budget: int,
+                 valid_Sk: jax.Array, normalize: bool) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Pick the top `budget` of all G sub-experts by softmax(x W_lin) * N.
+
+  Returns (weights [S, k], groups [S, k], probabilities [S, k]): the weights are the scaled
+  probabilities, renormalized over the valid slots to sum to N when `normalize`, so the full
+  budget matches the parent router.
+  """
+  n = num_sub_experts
+  logits_SG = jnp.dot(x_SD.astype(jnp.float32), linear_router_DG.astype(jnp.float32))
+  probs_SG = jax.nn.softmax(logits_SG, axis=-1)
+  probs_Sk, groups_Sk = jax.lax.top_k(probs_SG, budget)
+  weights_Sk = probs_Sk * n
+  if normalize:
+    selected = jnp.sum(jnp.where(valid_Sk, weights_Sk, 0.0), axis=-1, keepdims=True)
+    weights_Sk = weights_Sk * n / jnp.maximum(selected, 1e-20)
+  return weights_Sk, groups_Sk.astype(jnp.int32), probs_Sk
+
+
 class SubExpertMoE(nnx.Module):
   """One MoE feed-forward layer whose experts run as sub-experts under a budget."""
 
@@ -92,13 +125,9 @@ class SubExpertMoE(nnx.Module):
 
   def _sub_expert_order(self, x_SD: jax.Array, experts_SK: jax.Array) -> jax.Array:
     """Rank the sub-experts of each chosen expert by mean |silu(g) * u| over their core neurons."""
-    n, c = self.num_sub_experts, self.num_core_neurons
-    x = x_SD.astype(self.core_gate.dtype)
-    act = jnp.abs(jax.nn.silu(x @ self.core_gate[...]) * (x @ self.core_up[...])).astype(jnp.float32)
-    score_SEN = act.reshape(x_SD.shape[0], self.num_experts, n, c).mean(axis=-1)
-    score_SKN = jnp.take_along_axis(score_SEN, experts_SK[:, :, None], axis=1)
-    # Stable descending sort: ties keep the lower sub-expert index first.
-    return jnp.argsort(-score_SKN, axis=-1, stable=True)
+    score_SKN = core_scores(x_SD, self.core_gate[...], self.core_up[...], experts_SK, self.num_experts,
+                            self.num_sub_experts)
+    return rank_sub_experts(score_SKN)
 
   def _compound_assignments(
       self, x_SD: jax.Array, valid_S: jax.Array, budget: int, budget_S: jax.Array | None
@@ -132,19 +161,14 @@ class SubExpertMoE(nnx.Module):
       self, x_SD: jax.Array, valid_S: jax.Array, budget: int, budget_S: jax.Array | None
   ) -> tuple[Assignments, jax.Array, jax.Array]:
     """Top-k' over all G sub-experts; softmax over G times N so the full budget matches the parent."""
-    n = self.num_sub_experts
     _, experts_SK, probs_SE = route_parent(x_SD, self.router[...], self.top_k, self.normalize)
-    logits_SG = jnp.dot(x_SD.astype(jnp.float32), self.linear_router[...].astype(jnp.float32))
-    probs_SG = jax.nn.softmax(logits_SG, axis=-1) * n
-    weights_Sk, groups_Sk = jax.lax.top_k(probs_SG, budget)
     slot = jnp.arange(budget)[None, :]
     valid_Sk = valid_S[:, None] & (slot < (budget if budget_S is None else budget_S[:, None]))
-    if self.normalize:
-      selected = jnp.sum(jnp.where(valid_Sk, weights_Sk, 0.0), axis=-1, keepdims=True)
-      weights_Sk = weights_Sk * n / jnp.maximum(selected, 1e-20)
+    weights_Sk, groups_Sk, _ = linear_route(x_SD, self.linear_router[...], self.num_sub_experts, budget, valid_Sk,
+                                            self.normalize)
     assignments = Assignments(
         token_A=jnp.repeat(jnp.arange(x_SD.shape[0]), budget),
-        group_A=groups_Sk.reshape(-1).astype(jnp.int32),
+        group_A=groups_Sk.reshape(-1),
         weight_A=weights_Sk.reshape(-1),
         valid_A=valid_Sk.reshape(-1),
     )

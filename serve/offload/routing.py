@@ -1,7 +1,7 @@
 """Routing in offload mode: every token's ranked candidate sub-experts, with weights and mass.
 
-This follows `prism_jax.moe.SubExpertMoE` exactly (the offload tests compare outputs against
-it), but keeps the ranking that the budget-aware choice needs:
+This uses the scoring and ranking functions of `prism_jax.moe` (the offload tests compare
+outputs against `SubExpertMoE`), but keeps the ranking that the budget-aware choice needs:
 
 - compound router: the parent router picks and weights K experts; inside each, sub-experts
   are ranked by the mean |silu(x Wg) * (x Wu)| over their core neurons. The budget pattern
@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from prism_jax.budget import budget_pattern, row_patterns
-from prism_jax.moe import route_parent
+from prism_jax.moe import core_scores, linear_route, rank_sub_experts, route_parent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,16 +51,6 @@ class Candidates:
   probs_SE: jax.Array
 
 
-def _core_scores(spec: RoutingSpec, x_SD: jax.Array, core_gate: jax.Array, core_up: jax.Array,
-                 experts_SK: jax.Array) -> jax.Array:
-  """Mean |activation| over each sub-expert's core neurons, [S, K, N] (as SubExpertMoE computes it)."""
-  n, c = spec.num_sub_experts, spec.num_core_neurons
-  x = x_SD.astype(core_gate.dtype)
-  act = jnp.abs(jax.nn.silu(x @ core_gate) * (x @ core_up)).astype(jnp.float32)
-  score_SEN = act.reshape(x_SD.shape[0], spec.num_experts, n, c).mean(axis=-1)
-  return jnp.take_along_axis(score_SEN, experts_SK[:, :, None], axis=1)
-
-
 def _compound(spec: RoutingSpec, router: dict, x_SD, valid_S, budget_S, budget: int) -> Candidates:
   n, k = spec.num_sub_experts, spec.top_k
   weights_SK, experts_SK, probs_SE = route_parent(x_SD, router["router"], k, spec.normalize)
@@ -68,9 +58,8 @@ def _compound(spec: RoutingSpec, router: dict, x_SD, valid_S, budget_S, budget: 
   counts_SK = row_patterns(budget_S, n, k)
   num_tokens = x_SD.shape[0]
   if n > 1:
-    score_SKN = _core_scores(spec, x_SD, router["core_gate"], router["core_up"], experts_SK)
-    # Stable descending sort, as in SubExpertMoE: ties keep the lower sub-expert index first.
-    order_SKN = jnp.argsort(-score_SKN, axis=-1, stable=True)
+    score_SKN = core_scores(x_SD, router["core_gate"], router["core_up"], experts_SK, spec.num_experts, n)
+    order_SKN = rank_sub_experts(score_SKN)
     total_SK1 = jnp.sum(score_SKN, axis=-1, keepdims=True)
     share_SKN = jnp.where(total_SK1 > 0, score_SKN / jnp.where(total_SK1 > 0, total_SK1, 1.0), 1.0 / n)
   else:
@@ -91,18 +80,12 @@ def _compound(spec: RoutingSpec, router: dict, x_SD, valid_S, budget_S, budget: 
 
 
 def _linear(spec: RoutingSpec, router: dict, x_SD, valid_S, budget_S, budget: int) -> Candidates:
-  n = spec.num_sub_experts
   _, experts_SK, probs_SE = route_parent(x_SD, router["router"], spec.top_k, spec.normalize)
-  logits_SG = jnp.dot(x_SD.astype(jnp.float32), router["linear_router"].astype(jnp.float32))
-  probs_SG = jax.nn.softmax(logits_SG, axis=-1) * n
-  weights_Sk, groups_Sk = jax.lax.top_k(probs_SG, budget)
-  mass_Sk = weights_Sk / n
   slot = jnp.arange(budget)[None, :]
   valid_Sk = valid_S[:, None] & (slot < budget_S[:, None])
-  if spec.normalize:
-    selected = jnp.sum(jnp.where(valid_Sk, weights_Sk, 0.0), axis=-1, keepdims=True)
-    weights_Sk = weights_Sk * n / jnp.maximum(selected, 1e-20)
-  return Candidates(groups_Sk.astype(jnp.int32), weights_Sk, mass_Sk, valid_Sk, experts_SK, probs_SE)
+  weights_Sk, groups_Sk, mass_Sk = linear_route(x_SD, router["linear_router"], spec.num_sub_experts, budget, valid_Sk,
+                                                spec.normalize)
+  return Candidates(groups_Sk, weights_Sk, mass_Sk, valid_Sk, experts_SK, probs_SE)
 
 
 def candidates(spec: RoutingSpec, router: dict, x_SD: jax.Array, valid_S: jax.Array, budget_S: jax.Array,

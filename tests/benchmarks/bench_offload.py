@@ -17,6 +17,10 @@ at the full budget and at each --budgets value. Whole-expert and exact sub-exper
 the same budget compute the same outputs, so they compare at equal quality. Settings run
 in round-robin order, --repeats times each, and the median run of each is reported.
 
+After each table, every sub-expert run is compared with whole-expert top-k offloading at the
+same held-out perplexity (latency interpolated between the top-k budgets measured, so pass
+budgets that are multiples of N in --budgets).
+
 Columns: per-token latency, hit rate, bytes fetched, stall time, bytes the prefetcher read
 for nothing, sub-experts run, routing mass covered, and held-out perplexity (relative to
 exact selection at the same budget, whose outputs equal the resident model's). The
@@ -302,6 +306,7 @@ def measure_fraction(args, loaded, fraction, budgets, tokens_BL) -> None:
   if drops:
     effect = "took effect" if max(drops) < 0.05 else "did not fully take effect"
     print(f"page cache after dropping: at most {max(drops):.1%} of the offload files still cached ({effect})")
+  equal_quality_table(runs, loaded.sub.num_sub_experts, args.batch)
   for budget in budgets:
     same = [r for r in runs if r.budget == budget]
     base = statistics.mean(same[0].step_seconds)
@@ -309,6 +314,31 @@ def measure_fraction(args, loaded, fraction, budgets, tokens_BL) -> None:
       latency = statistics.mean(run.step_seconds) / base
       fetched = run.stats.bytes_fetched / max(same[0].stats.bytes_fetched, 1)
       print(f"  budget {budget}: {run.name} / whole-expert: latency {latency:.3f}, bytes fetched {fetched:.3f}")
+
+
+def equal_quality_table(runs: list[Run], n: int, batch: int) -> None:
+  """Compare each sub-expert run with whole-expert top-k offloading at the same held-out perplexity.
+
+  Whole-expert runs at budgets that are multiples of N are plain top-k (what existing offloading
+  systems offer). Their (perplexity, latency) points form a curve, and a sub-expert run whose
+  perplexity lies inside the curve's range is compared with the latency interpolated linearly at
+  that perplexity.
+  """
+  curve = sorted((float(np.exp(r.nll)), statistics.mean(r.step_seconds) / batch) for r in runs
+                 if r.granularity == "expert" and r.budget % n == 0)
+  if len(curve) < 2:
+    return
+  ppl_points, latency_points = zip(*curve)
+  print(f"at equal held-out perplexity, against whole-expert top-k offloading (top-k points: "
+        f"{', '.join(f'{p:.3f} ppl {t * 1e3:.2f} ms' for p, t in curve)}):")
+  for run in runs:
+    ppl = float(np.exp(run.nll))
+    if run.granularity != "sub_expert" or not ppl_points[0] <= ppl <= ppl_points[-1]:
+      continue
+    baseline = float(np.interp(ppl, ppl_points, latency_points))
+    latency = statistics.mean(run.step_seconds) / batch
+    print(f"  budget {run.budget:3d} {run.name:<28} ppl {ppl:8.3f}: {latency * 1e3:7.2f} ms against "
+          f"{baseline * 1e3:7.2f} ms, ratio {latency / baseline:.3f}")
 
 
 def run_all(args):
