@@ -65,7 +65,10 @@ def load_token_ids(path: str | os.PathLike, tokenizer: Any, *, label: str = "tex
   if tokenizer is None:
     raise ValueError(f"the checkpoint has no tokenizer (tokenizer/tokenizer.json), so {label} file {path} cannot "
                      "be tokenized; convert the checkpoint with its tokenizer or pass token ids as a .npy file")
-  return encode_text(read_text(path), tokenizer)
+  text = read_text(path)
+  if not text.strip():
+    raise ValueError(f"{label} file {path} is empty; pass a file with some hundreds of words or more")
+  return encode_text(text, tokenizer)
 
 
 def make_sequences(ids: Sequence[int] | np.ndarray, sequence_length: int, *, bos_token_id: int | None = None,

@@ -52,14 +52,21 @@ def main(argv: list[str] | None = None) -> int:
   parser, commands = build_parser()
   # Parse the subcommand first, then import only its module to add its arguments.
   known, _ = parser.parse_known_args(argv)
+  command_at = argv.index(known.command) if known.command is not None else len(argv)
+  unknown = [a for a in argv[:command_at] if a.startswith("-") and a not in ("-v", "--verbose")]
+  if unknown:
+    parser.error(f"unrecognized option {unknown[0]!r} before the command; options other than -v go after it, "
+                 "as in `prism COMMAND --help`")
   if known.command is None:
     parser.print_help()
     return 2
   module = importlib.import_module(commands[known.command][0])
   sub = argparse.ArgumentParser(prog=f"prism {known.command}", description=commands[known.command][1])
+  sub.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
   module.add_arguments(sub)
-  args = sub.parse_args(argv[argv.index(known.command) + 1:])
-  level = logging.DEBUG if known.verbose else logging.INFO
+  args = sub.parse_args(argv[command_at + 1:])
+  verbose = known.verbose or args.verbose
+  level = logging.DEBUG if verbose else logging.INFO
   root = logging.getLogger()
   # Imports may leave absl's handler or an implicit default handler on the root logger, and
   # basicConfig does nothing while one is there. Drop those two kinds and keep the rest (pytest's).
@@ -69,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
   logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S")
   root.setLevel(level)
   # orbax logs every save and restore through absl at INFO; keep those at -v only.
-  logging.getLogger("absl").setLevel(logging.DEBUG if known.verbose else logging.WARNING)
+  logging.getLogger("absl").setLevel(logging.DEBUG if verbose else logging.WARNING)
   import jax  # pylint: disable=import-outside-toplevel
 
   logging.getLogger("prism").info("prism-jax %s, jax %s, devices %s", prism_jax.__version__, jax.__version__,

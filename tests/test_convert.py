@@ -149,3 +149,17 @@ def test_cli_convert(tiny_hf_dir, tmp_path, capsys):
   assert (out / "prism.json").is_file()
   assert prism_main(["convert", str(tiny_hf_dir), str(out)]) == 1  # exists, no --overwrite
   assert prism_main(["convert", str(tiny_hf_dir), str(out), "--overwrite"]) == 0
+
+
+def test_cli_names_unknown_option_before_command(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    prism_main(["--bogus", "convert"])
+  assert exit_info.value.code == 2
+  assert "unrecognized option '--bogus' before the command" in capsys.readouterr().err
+
+
+def test_cli_accepts_verbose_after_command(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    prism_main(["convert", "-v", "--help"])
+  assert exit_info.value.code == 0
+  assert "-v, --verbose" in capsys.readouterr().out

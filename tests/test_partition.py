@@ -12,7 +12,7 @@ from flax import nnx
 import prism_jax
 from partition import (AnnealConfig, PartitionConfig, ProfileConfig, RouterTuningConfig, SolverConfig,
                        build_partition, partitioned_model)
-from partition.calibration import encode_text
+from partition.calibration import encode_text, load_token_ids
 from partition.router_tuning import dense_linear_moe, sub_expert_outputs
 from prism_jax.checkpoint import save_params
 from prism_jax.model import PrismModel
@@ -183,3 +183,10 @@ def test_bad_inputs_name_value_and_fix(model):
     PartitionConfig(num_sub_experts=2, keep=3)
   with pytest.raises(ValueError, match="router tuning"):
     PartitionConfig(router="compound", router_tuning=RouterTuningConfig(steps=5))
+
+
+def test_empty_calibration_file_named(tmp_path):
+  path = tmp_path / "calib.txt"
+  path.write_text("  \n\n ")
+  with pytest.raises(ValueError, match=r"calibration file .*calib\.txt is empty"):
+    load_token_ids(path, tokenizer=object(), label="calibration")

@@ -11,8 +11,32 @@ from __future__ import annotations
 import dataclasses
 
 
+class _Rates:
+  """Ratios shared by `StepStats` and `OffloadStats` (both have hits, misses and masses)."""
+
+  hits: int
+  misses: int
+  mass_requested: float
+  mass_run: float
+
+  @property
+  def hit_rate(self) -> float:
+    accesses = self.hits + self.misses
+    return self.hits / accesses if accesses else 1.0
+
+  @property
+  def mass_coverage(self) -> float:
+    """Fraction of the candidates' routing mass that ran."""
+    return self.mass_run / self.mass_requested if self.mass_requested > 0 else 1.0
+
+
+# Counters that a step adds to the totals unchanged.
+_SUMMED = ("tokens", "requested", "run", "mass_requested", "mass_run", "hits", "misses", "bytes_fetched", "prefetched",
+           "prefetch_wasted_bytes", "stall_s", "seconds")
+
+
 @dataclasses.dataclass(frozen=True)
-class StepStats:
+class StepStats(_Rates):
   """One forward call in offload mode.
 
   tokens: valid (non-padding) tokens. requested / run: candidate sub-experts of the budget
@@ -44,23 +68,13 @@ class StepStats:
   error: str | None = None
 
   @property
-  def hit_rate(self) -> float:
-    accesses = self.hits + self.misses
-    return self.hits / accesses if accesses else 1.0
-
-  @property
   def sub_experts_per_token(self) -> float:
     """Sub-experts run per token per MoE layer."""
     return self.run / max(self.tokens * self.moe_layers, 1)
 
-  @property
-  def mass_coverage(self) -> float:
-    """Fraction of the candidates' routing mass that ran."""
-    return self.mass_run / self.mass_requested if self.mass_requested > 0 else 1.0
-
 
 @dataclasses.dataclass(frozen=True)
-class OffloadStats:
+class OffloadStats(_Rates):
   """Totals over every step since the model was built or `reset_stats` was called."""
 
   steps: int = 0
@@ -80,29 +94,9 @@ class OffloadStats:
   seconds: float = 0.0
 
   def add(self, step: StepStats) -> OffloadStats:
-    return dataclasses.replace(
-        self,
-        steps=self.steps + 1,
-        failed_steps=self.failed_steps + (step.error is not None),
-        tokens=self.tokens + step.tokens,
-        requested=self.requested + step.requested,
-        run=self.run + step.run,
-        moe_token_layers=self.moe_token_layers + step.tokens * step.moe_layers,
-        mass_requested=self.mass_requested + step.mass_requested,
-        mass_run=self.mass_run + step.mass_run,
-        hits=self.hits + step.hits,
-        misses=self.misses + step.misses,
-        bytes_fetched=self.bytes_fetched + step.bytes_fetched,
-        prefetched=self.prefetched + step.prefetched,
-        prefetch_wasted_bytes=self.prefetch_wasted_bytes + step.prefetch_wasted_bytes,
-        stall_s=self.stall_s + step.stall_s,
-        seconds=self.seconds + step.seconds,
-    )
-
-  @property
-  def hit_rate(self) -> float:
-    accesses = self.hits + self.misses
-    return self.hits / accesses if accesses else 1.0
+    sums = {name: getattr(self, name) + getattr(step, name) for name in _SUMMED}
+    return dataclasses.replace(self, steps=self.steps + 1, failed_steps=self.failed_steps + (step.error is not None),
+                               moe_token_layers=self.moe_token_layers + step.tokens * step.moe_layers, **sums)
 
   @property
   def stall_s_per_token(self) -> float:
@@ -116,7 +110,3 @@ class OffloadStats:
   def sub_experts_per_token(self) -> float:
     """Sub-experts run per token per MoE layer."""
     return self.run / max(self.moe_token_layers, 1)
-
-  @property
-  def mass_coverage(self) -> float:
-    return self.mass_run / self.mass_requested if self.mass_requested > 0 else 1.0
