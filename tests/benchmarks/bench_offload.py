@@ -324,10 +324,14 @@ def equal_quality_table(runs: list[Run], n: int, batch: int) -> None:
   perplexity lies inside the curve's range is compared with the latency interpolated linearly at
   that perplexity.
   """
-  curve = sorted((float(np.exp(r.nll)), statistics.mean(r.step_seconds) / batch) for r in runs
+  top_k = sorted((r.budget, float(np.exp(r.nll)), statistics.mean(r.step_seconds) / batch) for r in runs
                  if r.granularity == "expert" and r.budget % n == 0)
-  if len(curve) < 2:
+  if len(top_k) < 2:
     return
+  if any(later[1] >= earlier[1] for earlier, later in zip(top_k, top_k[1:])):
+    print("no equal-perplexity comparison: top-k perplexity does not fall as k grows (random weights?)")
+    return
+  curve = sorted((ppl, seconds) for _, ppl, seconds in top_k)
   ppl_points, latency_points = zip(*curve)
   print(f"at equal held-out perplexity, against whole-expert top-k offloading (top-k points: "
         f"{', '.join(f'{p:.3f} ppl {t * 1e3:.2f} ms' for p, t in curve)}):")
