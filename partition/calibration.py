@@ -34,7 +34,11 @@ def read_text(path: str | os.PathLike) -> str:
     data = gzip.decompress(data)
   elif path.suffix == ".xz":
     data = lzma.decompress(data)
-  return data.decode("utf-8")
+  try:
+    return data.decode("utf-8")
+  except UnicodeDecodeError as error:
+    raise ValueError(f"text file {path} is not UTF-8 ({error}); convert it to UTF-8 or pass token ids as a "
+                     ".npy file") from None
 
 
 def encode_text(text: str, tokenizer: Any) -> np.ndarray:
@@ -61,6 +65,8 @@ def load_token_ids(path: str | os.PathLike, tokenizer: Any, *, label: str = "tex
     if not np.issubdtype(ids.dtype, np.integer):
       raise ValueError(f"{label} file {path} contains {ids.dtype} values, not integer token ids; save the ids as an "
                        "integer array")
+    if ids.size == 0:
+      raise ValueError(f"{label} file {path} contains no token ids; save a non-empty integer array")
     return np.asarray(ids, np.int32).reshape(-1)
   if tokenizer is None:
     raise ValueError(f"the checkpoint has no tokenizer (tokenizer/tokenizer.json), so {label} file {path} cannot "
@@ -97,7 +103,7 @@ def make_sequences(ids: Sequence[int] | np.ndarray, sequence_length: int, *, bos
 
   if sequences.num_tokens < min_tokens:
     raise ValueError(f"{label} text has {sequences.num_tokens} tokens, fewer than the {min_tokens} needed; "
-                     "pass a longer text (or lower the minimum)")
+                     "pass a longer text (or lower min_tokens in the profile or curve config)")
   if vocab_size is not None and sequences.tokens_BT.size and (
       sequences.tokens_BT.min() < 0 or sequences.tokens_BT.max() >= vocab_size):
     raise ValueError(f"{label} token ids must lie in 0..{vocab_size - 1} (the model's vocabulary), got "

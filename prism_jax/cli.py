@@ -36,7 +36,9 @@ def _available() -> dict[str, tuple[str, str]]:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, tuple[str, str]]]:
-  parser = argparse.ArgumentParser(prog="prism", description="Elastic Mixture-of-Experts serving in JAX.")
+  # No abbreviations: options before the command are checked by exact name in main().
+  parser = argparse.ArgumentParser(prog="prism", description="Elastic Mixture-of-Experts serving in JAX.",
+                                   allow_abbrev=False)
   parser.add_argument("--version", action="version", version=f"prism-jax {prism_jax.__version__}")
   parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
   subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")

@@ -63,8 +63,12 @@ def _per_row(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array) ->
   row_end_G = jnp.cumsum(group_sizes_G.astype(jnp.int32))
   row_ids = jnp.arange(num_rows, dtype=jnp.int32)
   group_S = jnp.minimum(jnp.searchsorted(row_end_G, row_ids, side="right"), num_groups - 1)
+  # Zero the rows past the groups before the product, so that their values (even NaN) reach
+  # neither the output nor the weight gradient.
+  used_S1 = (row_ids < row_end_G[-1])[:, None]
+  lhs_SD = jnp.where(used_S1, lhs_SD, 0)
   out_SF = jnp.sum(lhs_SD[:, :, None].astype(jnp.float32) * rhs_GDF[group_S], axis=1)
-  return jnp.where((row_ids < row_end_G[-1])[:, None], out_SF, 0).astype(lhs_SD.dtype)
+  return out_SF.astype(jnp.result_type(lhs_SD, rhs_GDF))
 
 
 def _tokamax(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
@@ -90,14 +94,19 @@ def grouped_matmul(
     )
   if lhs_SD.shape[1] != rhs_GDF.shape[1]:
     raise ValueError(f"contracting sizes differ: lhs has D={lhs_SD.shape[1]}, rhs has D={rhs_GDF.shape[1]}")
+  if tile_rows is not None and (not isinstance(tile_rows, int) or tile_rows < 1):
+    raise ValueError(f"tile_rows must be a positive integer or None (automatic), got {tile_rows!r}")
   chosen = resolve_backend(backend)
   if chosen == "xla":
     return jax.lax.ragged_dot(lhs_SD, rhs_GDF, group_sizes_G.astype(jnp.int32))
   if chosen == "tokamax":
     return _tokamax(lhs_SD, rhs_GDF, group_sizes_G)
   num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
+  if num_rows == 0 or num_groups == 0:
+    return jnp.zeros((num_rows, rhs_GDF.shape[2]), jnp.result_type(lhs_SD, rhs_GDF))
   if tile_rows is None and 2 * num_rows < num_groups:
     return _per_row(lhs_SD, rhs_GDF, group_sizes_G)
   weight_bytes = rhs_GDF.shape[1] * rhs_GDF.shape[2] * rhs_GDF.dtype.itemsize
   default_rows, chunk_tiles = default_tiling(num_rows, num_groups, weight_bytes)
-  return tile_matmul(lhs_SD, rhs_GDF, group_sizes_G, tile_rows or default_rows, chunk_tiles)
+  tile_rows = default_rows if tile_rows is None else tile_rows
+  return tile_matmul(lhs_SD, rhs_GDF, group_sizes_G, tile_rows, chunk_tiles)

@@ -1,14 +1,15 @@
 """CPU grouped matmul: rows cut into one-group tiles, multiplied a chunk of tiles at a time.
 
 Rows arrive sorted by group. Each group is cut into tiles of m rows (its last tile may be
-partial), so every tile belongs to one group. A loop walks the tiles in chunks of b. Each
+partial), so every tile belongs to one group. A scan walks the tiles in chunks of b. Each
 step gathers the chunk's rows `[b, m, D]` and its tiles' weights `[b, D, F]` and runs one
-batched matmul, so the chunk's weights stay in cache while they are used. The trip count is the number of chunks that hold a row: the work follows the rows
-that exist, whatever the group sizes. Each row is then read back from its tile slot.
+batched matmul, so the chunk's weights stay in cache while they are used. Chunks past the
+last row are skipped, so the work follows the rows that exist, whatever the group sizes.
+Each row is then read back from its tile slot.
 
-Reverse mode cannot differentiate a loop with a dynamic trip count, so the gradient is a
-custom VJP built from the same loop: d lhs runs it on the transposed weights, and d rhs
-adds each tile's `rows^T @ d out` into its group.
+The gradient is a custom VJP built from the same loop, which skips empty chunks too and
+keeps no per-chunk residuals. d lhs runs the loop on the transposed weights, and d rhs adds
+each tile's `rows^T @ d out` into its group.
 """
 
 from __future__ import annotations
@@ -91,7 +92,8 @@ def _forward(lhs_SD, rhs_GDF, group_sizes_G, tile_rows, chunk_tiles):
   chunk_ids = jnp.arange(num_chunks, dtype=jnp.int32)
   out_CbmF = jax.lax.map(lambda c: jax.lax.cond(c < layout.used_chunks, multiply, lambda _: zeros_bmF, c), chunk_ids)
   flat = out_CbmF.reshape(-1, out_CbmF.shape[-1])
-  return jnp.take(flat, layout.slot_S, axis=0, mode="fill", fill_value=0).astype(lhs_SD.dtype)
+  out_SF = jnp.take(flat, layout.slot_S, axis=0, mode="fill", fill_value=0)
+  return out_SF.astype(jnp.result_type(lhs_SD, rhs_GDF))
 
 
 def _rhs_gradient(lhs_SD, dout_SF, group_sizes_G, num_groups, tile_rows, chunk_tiles):
@@ -109,9 +111,19 @@ def _rhs_gradient(lhs_SD, dout_SF, group_sizes_G, num_groups, tile_rows, chunk_t
   return jax.lax.fori_loop(0, layout.used_chunks, body, grad_GDF)
 
 
+def tile_matmul(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array, tile_rows: int,
+                chunk_tiles: int) -> jax.Array:
+  """Compute `ragged_dot(lhs_SD, rhs_GDF, group_sizes_G)` tile by tile; returns [S, F]."""
+  for name, value in (("tile_rows", tile_rows), ("chunk_tiles", chunk_tiles)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive integer, got {value!r}")
+  if lhs_SD.shape[0] == 0 or rhs_GDF.shape[0] == 0:
+    return jnp.zeros((lhs_SD.shape[0], rhs_GDF.shape[2]), jnp.result_type(lhs_SD, rhs_GDF))
+  return _tile_matmul(lhs_SD, rhs_GDF, group_sizes_G, tile_rows, chunk_tiles)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def tile_matmul(lhs_SD, rhs_GDF, group_sizes_G, tile_rows: int, chunk_tiles: int):
-  """`ragged_dot(lhs_SD, rhs_GDF, group_sizes_G)` computed tile by tile; returns [S, F]."""
+def _tile_matmul(lhs_SD, rhs_GDF, group_sizes_G, tile_rows: int, chunk_tiles: int):
   return _forward(lhs_SD, rhs_GDF, group_sizes_G, tile_rows, chunk_tiles)
 
 
@@ -128,7 +140,7 @@ def _bwd(tile_rows, chunk_tiles, residuals, dout_SF):
   return dlhs.astype(lhs_SD.dtype), drhs.astype(rhs_GDF.dtype), None
 
 
-tile_matmul.defvjp(_fwd, _bwd)
+_tile_matmul.defvjp(_fwd, _bwd)
 
 
 def default_tiling(num_rows: int, num_groups: int, weight_bytes: int) -> tuple[int, int]:

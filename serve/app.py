@@ -52,6 +52,8 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServeMetrics | Non
     engine.observer = metrics
   app = FastAPI(title="prism-jax", docs_url=None, redoc_url=None, openapi_url=None)
   app.state.engine, app.state.config, app.state.metrics = engine, config, metrics
+  if engine.offload_stats() is not None:
+    metrics.track_offload(engine.offload_stats)
 
   @app.exception_handler(ApiError)
   async def api_error(_: Request, error: ApiError) -> JSONResponse:
@@ -88,9 +90,6 @@ def create_app(engine: Engine, config: ServerConfig, metrics: ServeMetrics | Non
   async def prometheus() -> Response:
     stats = engine.stats()
     metrics.set_queue(stats.waiting, stats.running)
-    offload = engine.offload_stats()
-    if offload is not None:
-      metrics.set_offload(offload)
     text, content_type = metrics.render()
     return Response(text, media_type=content_type)
 

@@ -149,6 +149,8 @@ class Engine:
                                      progress=self.progress)
     else:
       self.latency = LatencyTable({})
+    if isinstance(self.runner, OffloadRunner):
+      self.runner.model.reset_stats()  # metrics count served tokens only, not the start-up runs
     self.scheduler = make_scheduler(self.config, self.compiled_budgets, self.latency)
     return self
 

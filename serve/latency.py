@@ -108,20 +108,24 @@ def measure_latency(runner: StepRunner, programs: Sequence[Program], *, repeats:
   The timed runs go round-robin over the programs, so a change in machine load during the
   measurement shifts every entry alike instead of skewing the programs measured at that moment.
   Runs filler batches in slots 0..B-1, so it overwrites their KV cache: call it before serving.
+  Each run draws new tokens from the runner's vocabulary, so an offloaded model's expert cache
+  misses as it would on real requests instead of hitting on the same tokens every time.
   """
   if repeats < 1:
     raise ValueError(f"repeats must be >= 1, got {repeats}")
   programs = list(dict.fromkeys(programs))
-  batches = {program: StepBatch.filler(program) for program in programs}
+  vocab_size = getattr(runner, "vocab_size", None)
+  batch = lambda program, run: StepBatch.filler(program, vocab_size=vocab_size, seed=run)
   samples: dict[Program, list[float]] = {program: [] for program in programs}
   with tqdm(total=len(programs) * (repeats + 1), desc="timing steps", unit="step", disable=not progress) as bar:
     for program in programs:
-      runner.run(batches[program])
+      runner.run(batch(program, 0))
       bar.update(1)
-    for _ in range(repeats):
+    for run in range(1, repeats + 1):
       for program in programs:
+        filler = batch(program, run)
         start = time.perf_counter()
-        runner.run(batches[program])
+        runner.run(filler)
         samples[program].append(time.perf_counter() - start)
         bar.update(1)
   seconds = {program: statistics.median(times) for program, times in samples.items()}

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from serve.offload.stats import OffloadStats
 from serve.request import Completion
@@ -12,6 +14,34 @@ from serve.step import StepRecord
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _BUDGET_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class _OffloadCollector:
+  """Expert-cache totals of an offloaded model, read when Prometheus scrapes (offloading mode only)."""
+
+  def __init__(self, read_stats: Callable[[], OffloadStats | None]):
+    self._read_stats = read_stats
+
+  def collect(self):
+    stats = self._read_stats()
+    if stats is None:
+      return
+    counters = (
+        ("prism_offload_tokens", "Tokens run in offloading mode", stats.tokens),
+        ("prism_offload_hits", "Expert-cache hits (units a MoE layer needed that were resident)", stats.hits),
+        ("prism_offload_misses", "Expert-cache misses (units read from the slow tier)", stats.misses),
+        ("prism_offload_fetched_bytes", "Bytes read from the slow tier", stats.bytes_fetched),
+        ("prism_offload_stall_seconds", "Time steps waited for expert weights", stats.stall_s),
+    )
+    for name, documentation, value in counters:
+      yield CounterMetricFamily(name, documentation, value=value)
+    gauges = (
+        ("prism_offload_hit_rate", "Expert-cache hits over accesses since start", stats.hit_rate),
+        ("prism_offload_sub_experts_per_token", "Sub-experts run per token per MoE layer", stats.sub_experts_per_token),
+        ("prism_offload_mass_coverage", "Fraction of the budget's routing mass that ran", stats.mass_coverage),
+    )
+    for name, documentation, value in gauges:
+      yield GaugeMetricFamily(name, documentation, value=value)
 
 
 class ServeMetrics:
@@ -58,20 +88,7 @@ class ServeMetrics:
                                 "(1 until one finishes)", registry=r)
     self.slo_attainment.set(1.0)
 
-    # Offloading mode: totals read from the expert cache at each scrape.
-    self.offload_hit_rate = Gauge("prism_offload_hit_rate", "Expert-cache hits over accesses", registry=r)
-    self.offload_bytes = Gauge("prism_offload_fetched_bytes", "Bytes read from the slow tier", registry=r)
-    self.offload_bytes_per_token = Gauge("prism_offload_fetched_bytes_per_token",
-                                         "Bytes read from the slow tier per token", registry=r)
-    self.offload_stall = Gauge("prism_offload_stall_seconds", "Time steps waited for expert weights", registry=r)
-    self.offload_stall_per_token = Gauge("prism_offload_stall_seconds_per_token",
-                                         "Time steps waited for expert weights, per token", registry=r)
-    self.offload_tokens = Gauge("prism_offload_tokens", "Tokens run in offloading mode", registry=r)
-    self.offload_sub_experts = Gauge("prism_offload_sub_experts_per_token",
-                                     "Sub-experts run per token per MoE layer", registry=r)
-    self.offload_mass = Gauge("prism_offload_mass_coverage", "Fraction of the budget's routing mass that ran",
-                              registry=r)
-
+    self._offload: _OffloadCollector | None = None
     self._lock = threading.Lock()
     self._slo_counts = [0, 0]  # met, total
 
@@ -112,15 +129,11 @@ class ServeMetrics:
     self.queue_length.set(waiting)
     self.running.set(running)
 
-  def set_offload(self, stats: OffloadStats) -> None:
-    self.offload_hit_rate.set(stats.hit_rate)
-    self.offload_bytes.set(stats.bytes_fetched)
-    self.offload_bytes_per_token.set(stats.bytes_per_token)
-    self.offload_stall.set(stats.stall_s)
-    self.offload_stall_per_token.set(stats.stall_s_per_token)
-    self.offload_tokens.set(stats.tokens)
-    self.offload_sub_experts.set(stats.sub_experts_per_token)
-    self.offload_mass.set(stats.mass_coverage)
+  def track_offload(self, read_stats: Callable[[], OffloadStats | None]) -> None:
+    """Export the expert-cache totals that `read_stats` returns, read again at each scrape."""
+    if self._offload is None:
+      self._offload = _OffloadCollector(read_stats)
+      self.registry.register(self._offload)
 
   def render(self) -> tuple[bytes, str]:
     """Render the exposition text; returns (body, content type)."""

@@ -52,13 +52,21 @@ class StepBatch:
     return Program(batch, tokens, self.budget)
 
   @classmethod
-  def filler(cls, program: Program) -> StepBatch:
-    """Build a full, greedy batch of token 0 in slots 0..B-1 at positions 0..T-1 (for warm-up and timing)."""
+  def filler(cls, program: Program, *, vocab_size: int | None = None, seed: int = 0) -> StepBatch:
+    """Build a full, greedy batch in slots 0..B-1 at positions 0..T-1 (for warm-up and timing).
+
+    Tokens are 0, or with `vocab_size` drawn from the vocabulary (seeded), so that they route to
+    varied experts as real text does. An offloaded model then has cache misses when timed.
+    """
     b, t = program.batch, program.tokens
+    if vocab_size is None:
+      tokens_BT = np.zeros((b, t), np.int32)
+    else:
+      tokens_BT = np.random.default_rng(seed).integers(0, vocab_size, (b, t)).astype(np.int32)
     return cls(
         budget=program.budget,
         slots_B=np.arange(b, dtype=np.int32),
-        tokens_BT=np.zeros((b, t), np.int32),
+        tokens_BT=tokens_BT,
         positions_BT=np.broadcast_to(np.arange(t, dtype=np.int32), (b, t)).copy(),
         valid_BT=np.ones((b, t), bool),
         budget_B=np.full(b, program.budget, np.int32),

@@ -82,3 +82,52 @@ def test_tokamax_without_package_raises():
 def test_shape_mismatch_raises():
   with pytest.raises(ValueError, match="contracting sizes differ"):
     grouped_matmul(jnp.zeros((4, 3)), jnp.zeros((2, 5, 6)), jnp.array([2, 2]))
+
+
+@pytest.mark.parametrize("tile_rows", [None, 2])
+def test_unused_nan_row_keeps_gradients_finite(tile_rows):
+  lhs = np.ones((3, 4), np.float32)
+  lhs[2] = np.nan  # past sum(group_sizes): must reach neither the output nor the gradients
+  rhs = np.ones((8, 4, 3), np.float32)
+  sizes = jnp.asarray([0, 1, 0, 0, 1, 0, 0, 0])
+
+  def loss(a, b):
+    return jnp.sum(grouped_matmul(a, b, sizes, backend="tiled", tile_rows=tile_rows))
+
+  out = grouped_matmul(lhs, rhs, sizes, backend="tiled", tile_rows=tile_rows)
+  assert np.isfinite(np.asarray(out)).all()
+  assert (np.asarray(out)[2] == 0).all()
+  dlhs, drhs = jax.grad(loss, argnums=(0, 1))(lhs, rhs)
+  assert np.isfinite(np.asarray(drhs)).all()
+  assert np.isfinite(np.asarray(dlhs)[:2]).all()
+
+
+@pytest.mark.parametrize("tile_rows", [None, 3])
+def test_zero_rows_or_groups_give_empty_output(tile_rows):
+  out = grouped_matmul(jnp.zeros((0, 4)), jnp.zeros((3, 4, 5)), jnp.zeros(3, jnp.int32), backend="tiled",
+                       tile_rows=tile_rows)
+  assert out.shape == (0, 5)
+  out = grouped_matmul(jnp.ones((2, 4)), jnp.zeros((0, 4, 5)), jnp.zeros(0, jnp.int32), backend="tiled",
+                       tile_rows=tile_rows)
+  assert out.shape == (2, 5)
+  assert (np.asarray(out) == 0).all()
+
+
+@pytest.mark.parametrize("tile_rows", [0, -2, 1.5])
+def test_invalid_tile_rows_raises(tile_rows):
+  with pytest.raises(ValueError, match="tile_rows must be a positive integer"):
+    grouped_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.array([2, 2]), backend="tiled", tile_rows=tile_rows)
+
+
+def test_invalid_chunk_tiles_raises():
+  with pytest.raises(ValueError, match="chunk_tiles must be a positive integer, got 0"):
+    tile_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.array([2, 2]), 2, 0)
+
+
+@pytest.mark.parametrize("tile_rows", [None, 2])
+def test_mixed_dtypes_promote_like_ragged_dot(tile_rows):
+  lhs = jnp.ones((4, 3), jnp.bfloat16)
+  rhs = jnp.ones((2, 3, 5), jnp.float32)
+  sizes = jnp.array([2, 2])
+  want = jax.lax.ragged_dot(lhs, rhs, sizes).dtype
+  assert grouped_matmul(lhs, rhs, sizes, backend="tiled", tile_rows=tile_rows).dtype == want

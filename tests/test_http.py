@@ -322,3 +322,4 @@ def test_metrics_exposition(server):
     assert name in text, name
   assert "prism_slo_met_total 1.0" in text
   assert "prism_slo_attainment 1.0" in text
+  assert "prism_offload_" not in text  # the expert-cache metrics exist only in offloading mode

@@ -128,10 +128,11 @@ def test_metrics_report_offload_totals(model, offload):
   assert stats.tokens > 0
   assert stats.bytes_fetched > 0
   text = TestClient(create_app(engine, ServerConfig(model_name="tiny"))).get("/metrics").text
-  assert f"prism_offload_fetched_bytes {float(stats.bytes_fetched)}" in text
-  assert f"prism_offload_tokens {float(stats.tokens)}" in text
-  assert "prism_offload_hit_rate " in text
-  assert "prism_offload_stall_seconds_per_token " in text
+  assert f"prism_offload_fetched_bytes_total {float(stats.bytes_fetched)}" in text
+  assert f"prism_offload_tokens_total {float(stats.tokens)}" in text
+  assert f"prism_offload_misses_total {float(stats.misses)}" in text
+  assert f"prism_offload_hit_rate {stats.hit_rate}" in text
+  assert "prism_offload_stall_seconds_total " in text
 
 
 @pytest.mark.slow

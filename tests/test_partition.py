@@ -190,3 +190,14 @@ def test_empty_calibration_file_named(tmp_path):
   path.write_text("  \n\n ")
   with pytest.raises(ValueError, match=r"calibration file .*calib\.txt is empty"):
     load_token_ids(path, tokenizer=object(), label="calibration")
+
+
+def test_empty_npy_and_non_utf8_files_named(tmp_path):
+  ids = tmp_path / "ids.npy"
+  np.save(ids, np.zeros((0,), np.int32))
+  with pytest.raises(ValueError, match=r"calibration file .*ids\.npy contains no token ids"):
+    load_token_ids(ids, tokenizer=None, label="calibration")
+  latin = tmp_path / "latin.txt"
+  latin.write_bytes(b"caf\xe9 au lait")
+  with pytest.raises(ValueError, match=r"text file .*latin\.txt is not UTF-8"):
+    load_token_ids(latin, tokenizer=object(), label="calibration")

@@ -265,7 +265,8 @@ def main():
 
   with tempfile.TemporaryDirectory(prefix="bench-offload-") as scratch:
     scratch = Path(scratch)
-    if args.checkpoint is None:
+    args.random_weights = args.checkpoint is None
+    if args.random_weights:
       args.checkpoint, args.partition = random_checkpoint(scratch, seed=0, scale=args.weight_scale)
     args.offload_dir = args.offload_dir or scratch / "offload"
     run_all(args)
@@ -306,7 +307,10 @@ def measure_fraction(args, loaded, fraction, budgets, tokens_BL) -> None:
   if drops:
     effect = "took effect" if max(drops) < 0.05 else "did not fully take effect"
     print(f"page cache after dropping: at most {max(drops):.1%} of the offload files still cached ({effect})")
-  equal_quality_table(runs, loaded.sub.num_sub_experts, args.batch)
+  if args.random_weights:
+    print("no equal-perplexity comparison: the built-in model has random weights (pass --checkpoint)")
+  else:
+    equal_quality_table(runs, loaded.sub.num_sub_experts, args.batch)
   for budget in budgets:
     same = [r for r in runs if r.budget == budget]
     base = statistics.mean(same[0].step_seconds)

@@ -75,10 +75,15 @@ def budget_table(config, n, num_tokens, repeats):
   fractions = (0.25, 0.5, 0.75, 1.0)
   layer_times = {f: median_seconds(lambda: layer(state, x, valid, int(f * full)), repeats=repeats) for f in fractions}
   model_times = {f: median_seconds(lambda: model(tokens, budget=int(f * full)), repeats=repeats) for f in fractions}
-  print(f"{'fraction':>8} {'budget':>6} {'layer ms':>9} {'layer/full':>10} {'target':>7} {'model ms':>9} {'model/full':>10}")
+  # End to end, only the MoE share of the full-budget time scales: target (1 - share) + share * (f + 0.1).
+  share = min(1.0, len(config.moe_layer_indices) * layer_times[1.0] / model_times[1.0])
+  print(f"MoE layers take {share:.0%} of the full-budget model time")
+  print(f"{'fraction':>8} {'budget':>6} {'layer ms':>9} {'layer/full':>10} {'target':>7} {'model ms':>9} {'model/full':>10} "
+        f"{'target':>7}")
   for f in fractions:
     print(f"{f:8.2f} {int(f * full):6d} {layer_times[f] * 1e3:9.2f} {layer_times[f] / layer_times[1.0]:10.2f} "
-          f"{f + 0.1:7.2f} {model_times[f] * 1e3:9.2f} {model_times[f] / model_times[1.0]:10.2f}")
+          f"{f + 0.1:7.2f} {model_times[f] * 1e3:9.2f} {model_times[f] / model_times[1.0]:10.2f} "
+          f"{1 - share + share * (f + 0.1):7.2f}")
 
 
 def bandwidth_bytes_per_second(repeats):
