@@ -6,10 +6,9 @@ past `sum(group_sizes)` come out as zeros. Backends:
 
 - `xla`: `jax.lax.ragged_dot`. The accelerator path. XLA:CPU lowers it to a masked dense
   product that costs G times the useful work, so it is not the CPU default.
-- `tiled`: the CPU default; its work follows the rows that exist. With fewer rows than
-  half the groups (decode), each row is multiplied by its own group's weight in one fused
-  reduction. Otherwise groups are cut into tiles of m rows and a loop multiplies a
-  cache-sized chunk of tiles at a time (`tile_matmul`).
+- `tiled`: the CPU default; its work follows the rows that exist. Groups are cut into
+  tiles of m rows (one row per tile in decode) and a loop multiplies a cache-sized chunk
+  of tiles at a time (`tile_matmul`).
 - `tokamax`: the tokamax kernels, used only when the package is installed and the
   platform is an accelerator.
 """
@@ -53,24 +52,6 @@ def resolve_backend(backend: Backend = "auto", platform: str | None = None) -> s
   return "tokamax" if tokamax_available() else "xla"
 
 
-def _per_row(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
-  """Multiply each row by its own group's weight, for decode-sized inputs with most groups empty.
-
-  The product is a multiply-and-sum rather than a gather followed by a matmul, so XLA can fuse
-  the weight gather into the reduction instead of copying the weights first.
-  """
-  num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
-  row_end_G = jnp.cumsum(group_sizes_G.astype(jnp.int32))
-  row_ids = jnp.arange(num_rows, dtype=jnp.int32)
-  group_S = jnp.minimum(jnp.searchsorted(row_end_G, row_ids, side="right"), num_groups - 1)
-  # Zero the rows past the groups before the product, so that their values (even NaN) reach
-  # neither the output nor the weight gradient.
-  used_S1 = (row_ids < row_end_G[-1])[:, None]
-  lhs_SD = jnp.where(used_S1, lhs_SD, 0)
-  out_SF = jnp.sum(lhs_SD[:, :, None].astype(jnp.float32) * rhs_GDF[group_S], axis=1)
-  return out_SF.astype(jnp.result_type(lhs_SD, rhs_GDF))
-
-
 def _tokamax(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
   import tokamax  # pylint: disable=import-outside-toplevel
 
@@ -104,8 +85,6 @@ def grouped_matmul(
   num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
   if num_rows == 0 or num_groups == 0:
     return jnp.zeros((num_rows, rhs_GDF.shape[2]), jnp.result_type(lhs_SD, rhs_GDF))
-  if tile_rows is None and 2 * num_rows < num_groups:
-    return _per_row(lhs_SD, rhs_GDF, group_sizes_G)
   weight_bytes = rhs_GDF.shape[1] * rhs_GDF.shape[2] * rhs_GDF.dtype.itemsize
   default_rows, chunk_tiles = default_tiling(num_rows, num_groups, weight_bytes)
   tile_rows = default_rows if tile_rows is None else tile_rows

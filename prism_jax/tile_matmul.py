@@ -146,15 +146,11 @@ _tile_matmul.defvjp(_fwd, _bwd)
 def default_tiling(num_rows: int, num_groups: int, weight_bytes: int) -> tuple[int, int]:
   """Choose (tile rows m, chunk tiles b) for groups whose weight takes `weight_bytes`.
 
-  m follows the mean rows per group, from 8 for small groups to 32 for large ones. b makes
-  a chunk's weights about 2 MiB, so they stay in cache while the chunk runs.
+  m is the mean rows per group rounded down to a power of two, from 1 (decode: a tile per
+  row) to 16, and 32 from 128 rows up. b makes a chunk's weights about 2 MiB, so they stay in
+  cache while the chunk runs.
   """
   mean = num_rows / max(num_groups, 1)
-  if mean < 12:
-    tile_rows = 8
-  elif mean < 128:
-    tile_rows = 16
-  else:
-    tile_rows = 32
+  tile_rows = 32 if mean >= 128 else min(16, 1 << (max(int(mean), 1).bit_length() - 1))
   chunk_tiles = max(1, min(_MAX_CHUNK_TILES, _CHUNK_WEIGHT_BYTES // max(weight_bytes, 1)))
   return tile_rows, chunk_tiles

@@ -27,28 +27,31 @@ XLA_RAGGED_LIMIT_BYTES = 2 << 30  # XLA:CPU ragged_dot materializes [G, M, D]; s
 
 def grouped_matmul_table(groups_list, rows_list, d, f, repeats):
   print(f"\n(1) grouped matmul, D={d}, F/N={f}: FLOP rate relative to dense jnp.dot of the same useful FLOPs")
-  print(f"{'groups':>7} {'rows/group':>10} {'dense ms':>9} {'tiled ms':>9} {'tiled/dense':>11} {'xla ms':>9} {'xla/dense':>9}")
   rng = np.random.default_rng(0)
+  dense = jax.jit(lambda a, b: a @ b)
+  tiled = jax.jit(functools.partial(grouped_matmul, backend="tiled"))
+  xla = jax.jit(functools.partial(grouped_matmul, backend="xla"))
+  cells = []
   for groups in groups_list:
     rhs = jnp.asarray(rng.normal(size=(groups, d, f)), jnp.float32)
     for rows in rows_list:
       num_rows = groups * rows
       lhs = jnp.asarray(rng.normal(size=(num_rows, d)), jnp.float32)
       # Uneven group sizes with the same total: a realistic router is not balanced.
-      sizes = rng.multinomial(num_rows, rng.dirichlet(np.full(groups, 2.0)))
-      sizes = jnp.asarray(sizes, jnp.int32)
-      dense = jax.jit(lambda a, b: a @ b)
-      tiled = jax.jit(functools.partial(grouped_matmul, backend="tiled"))
-      t_dense = median_seconds(lambda: dense(lhs, rhs[0]), repeats=repeats)
-      t_tiled = median_seconds(lambda: tiled(lhs, rhs, sizes), repeats=repeats)
-      xla_bytes = groups * num_rows * d * 4
-      if xla_bytes <= XLA_RAGGED_LIMIT_BYTES:
-        xla = jax.jit(functools.partial(grouped_matmul, backend="xla"))
-        t_xla = median_seconds(lambda: xla(lhs, rhs, sizes), repeats=max(1, repeats // 2))
-        xla_cols = f"{t_xla * 1e3:9.1f} {t_dense / t_xla:9.1%}"
-      else:
-        xla_cols = f"{'skipped':>9} {'(>2 GiB)':>9}"
-      print(f"{groups:7d} {rows:10d} {t_dense * 1e3:9.2f} {t_tiled * 1e3:9.2f} {t_dense / t_tiled:11.1%} {xla_cols}")
+      sizes = jnp.asarray(rng.multinomial(num_rows, rng.dirichlet(np.full(groups, 2.0))), jnp.int32)
+      cells.append((groups, rows, lhs, rhs, sizes))
+  # The dense and tiled timings of every cell come first: XLA:CPU's ragged_dot allocates up to
+  # 2 GiB per call, and in one run that slowed the tiled timings taken after it by up to 3x.
+  timings = [(median_seconds(lambda: dense(lhs, rhs[0]), repeats=repeats),
+              median_seconds(lambda: tiled(lhs, rhs, sizes), repeats=repeats)) for _, _, lhs, rhs, sizes in cells]
+  print(f"{'groups':>7} {'rows/group':>10} {'dense ms':>9} {'tiled ms':>9} {'tiled/dense':>11} {'xla ms':>9} {'xla/dense':>9}")
+  for (groups, rows, lhs, rhs, sizes), (t_dense, t_tiled) in zip(cells, timings):
+    if groups * lhs.shape[0] * d * 4 <= XLA_RAGGED_LIMIT_BYTES:
+      t_xla = median_seconds(lambda: xla(lhs, rhs, sizes), repeats=max(1, repeats // 2))
+      xla_cols = f"{t_xla * 1e3:9.1f} {t_dense / t_xla:9.1%}"
+    else:
+      xla_cols = f"{'skipped':>9} {'(>2 GiB)':>9}"
+    print(f"{groups:7d} {rows:10d} {t_dense * 1e3:9.2f} {t_tiled * 1e3:9.2f} {t_dense / t_tiled:11.1%} {xla_cols}")
 
 
 def budget_model(d, e, k, f, layers, vocab):
