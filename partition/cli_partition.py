@@ -9,7 +9,8 @@ from pathlib import Path
 from partition.build import build_partition, check_model
 from partition.calibration import load_token_ids
 from partition.config import SOLVER_NAMES, PartitionConfig, ProfileConfig, RouterTuningConfig
-from prism_jax.model import load
+from prism_jax.checkpoint import read_meta
+from prism_jax.model import load, load_tokenizer
 from prism_jax.partition_io import write_partition
 
 logger = logging.getLogger(__name__)
@@ -71,9 +72,12 @@ def run(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.overwrite:
       raise FileExistsError(f"partition directory {args.out} already exists; choose another --out or pass --overwrite")
     config = config_from_args(args)
+    # Check the checkpoint's files and read the calibration text before loading the weights, so
+    # bad input fails in seconds on a large model.
+    read_meta(args.checkpoint)
+    ids = load_token_ids(args.calib, load_tokenizer(args.checkpoint), label="calibration")
     model = load(args.checkpoint)
     check_model(model, config)
-    ids = load_token_ids(args.calib, model.tokenizer, label="calibration")
     partition, summary = build_partition(model, ids, config, calibration_source=str(args.calib))
     summary["checkpoint"] = str(args.checkpoint)
     write_partition(args.out, partition, summary, overwrite=args.overwrite)
