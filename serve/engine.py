@@ -13,13 +13,14 @@ import itertools
 import logging
 import threading
 import time
-from typing import Callable, Protocol, Sequence as Seq
+from typing import Callable, Sequence as Seq
 
 import numpy as np
 
 from serve.admission import Admission
 from serve.config import EngineConfig
 from serve.latency import LatencyTable, measure_latency
+from serve.observer import EngineObserver, EngineStats
 from serve.request import (Completion, EngineStopped, InvalidRequest, Listener, QoS, QueueFull, RequestHandle,
                            SamplingParams)
 from serve.runner import ModelRunner, StepBatch, StepRunner, enable_compilation_cache
@@ -32,32 +33,11 @@ from serve.text import IncrementalDecoder, StopMatcher
 logger = logging.getLogger(__name__)
 
 
-class EngineObserver(Protocol):
-  """Receives engine events on the engine thread (metrics); must not raise."""
-
-  def on_step(self, record: StepRecord) -> None:
-    ...
-
-  def on_finish(self, completion: Completion) -> None:
-    ...
-
-
 def runner_for(model, *, num_slots: int, max_len: int) -> ModelRunner | OffloadRunner:
   """Build the step runner of a `PrismModel` (compiled programs) or an `OffloadedModel`."""
   if isinstance(model, OffloadedModel):
     return OffloadRunner(model, num_slots=num_slots, max_len=max_len)
   return ModelRunner(model, num_slots=num_slots, max_len=max_len)
-
-
-@dataclasses.dataclass(frozen=True)
-class EngineStats:
-  """A snapshot for health checks: queue length, requests holding slots, steps run, programs."""
-
-  waiting: int
-  running: int
-  steps: int
-  programs: int
-  accepting: bool
 
 
 class Engine:

@@ -117,7 +117,24 @@ def enable_compilation_cache(cache_dir: Path) -> None:
   logger.info("JAX persistent compilation cache: %s", cache_dir)
 
 
-class ModelRunner:
+class SlotPool:
+  """KV-cache pool of a runner: `num_slots` request slots plus one scratch slot.
+
+  Padding rows read and write the scratch slot. Subclasses set `model`, `num_slots`, `max_len`
+  and `pool`.
+  """
+
+  def _new_pool(self):
+    return self.model.init_cache(self.num_slots + 1, self.max_len)
+
+  def cache_intact(self) -> bool:
+    return not any(keys.is_deleted() or values.is_deleted() for keys, values in self.pool)
+
+  def reset(self) -> None:
+    self.pool = self._new_pool()
+
+
+class ModelRunner(SlotPool):
   """Steps of a `PrismModel` over `num_slots` cache slots of `max_len` positions each."""
 
   def __init__(self, model: PrismModel, *, num_slots: int, max_len: int):
@@ -136,16 +153,6 @@ class ModelRunner:
     self.pool = self._new_pool()
     size = sum(k.nbytes + v.nbytes for k, v in self.pool)
     logger.info("KV-cache pool: %d slots (+1 scratch) x %d positions, %.1f MiB", num_slots, max_len, size / 2**20)
-
-  def _new_pool(self):
-    # One extra row: the scratch slot that padding rows read and write.
-    return self.model.init_cache(self.num_slots + 1, self.max_len)
-
-  def cache_intact(self) -> bool:
-    return not any(keys.is_deleted() or values.is_deleted() for keys, values in self.pool)
-
-  def reset(self) -> None:
-    self.pool = self._new_pool()
 
   def _step(self, state, pool, slots_B, tokens_BT, positions_BT, valid_BT, budget_B, last_index_B,
             temperature_B, top_p_B, seed_lo_B, seed_hi_B, counter_B, *, budget):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from serve.config import Program
 from serve.offload.model import OffloadedModel
-from serve.runner import StepBatch
+from serve.runner import SlotPool, StepBatch
 from serve.sampling import sample_rows
 
 logger = logging.getLogger(__name__)
@@ -53,7 +53,7 @@ def _last_hidden(hidden_BTD, last_index_B):
 _sample = jax.jit(sample_rows)
 
 
-class OffloadRunner:
+class OffloadRunner(SlotPool):
   """Steps of an `OffloadedModel` over `num_slots` KV-cache slots of `max_len` positions each."""
 
   def __init__(self, model: OffloadedModel, *, num_slots: int, max_len: int):
@@ -69,15 +69,6 @@ class OffloadRunner:
     self.vocab_size = model.config.vocab_size
     self.eos_token_ids = tuple(model.config.eos_token_ids)
     self.compiled: set[Program] = set()
-    self.pool = self._new_pool()
-
-  def _new_pool(self):
-    return self.model.init_cache(self.num_slots + 1, self.max_len)
-
-  def cache_intact(self) -> bool:
-    return not any(keys.is_deleted() or values.is_deleted() for keys, values in self.pool)
-
-  def reset(self) -> None:
     self.pool = self._new_pool()
 
   def compile(self, programs: Sequence[Program], *, workers: int = 1, progress: bool = True) -> None:

@@ -11,13 +11,30 @@ from __future__ import annotations
 import dataclasses
 
 
-class _Rates:
-  """Ratios shared by `StepStats` and `OffloadStats` (both have hits, misses and masses)."""
+@dataclasses.dataclass(frozen=True)
+class Counters:
+  """Counters of offloading work, recorded per step and summed unchanged into the totals.
 
-  hits: int
-  misses: int
-  mass_requested: float
-  mass_run: float
+  tokens: valid (non-padding) tokens. requested / run: candidate sub-experts of the budget
+  and those that ran, summed over tokens and MoE layers. mass_requested / mass_run: their
+  routing mass. hits / misses: units found in / missing from the cache. bytes_fetched: bytes
+  copied from the slow tier into the cache. prefetched: misses whose data the prefetcher had
+  already read; prefetch_wasted_bytes: bytes it read that no layer used. stall_s: time spent
+  waiting for expert data (reads, waits on the prefetcher and cache writes). seconds: wall time.
+  """
+
+  tokens: int = 0
+  requested: int = 0
+  run: int = 0
+  mass_requested: float = 0.0
+  mass_run: float = 0.0
+  hits: int = 0
+  misses: int = 0
+  bytes_fetched: int = 0
+  prefetched: int = 0
+  prefetch_wasted_bytes: int = 0
+  stall_s: float = 0.0
+  seconds: float = 0.0
 
   @property
   def hit_rate(self) -> float:
@@ -30,41 +47,18 @@ class _Rates:
     return self.mass_run / self.mass_requested if self.mass_requested > 0 else 1.0
 
 
-# Counters that a step adds to the totals unchanged.
-_SUMMED = ("tokens", "requested", "run", "mass_requested", "mass_run", "hits", "misses", "bytes_fetched", "prefetched",
-           "prefetch_wasted_bytes", "stall_s", "seconds")
-
-
 @dataclasses.dataclass(frozen=True)
-class StepStats(_Rates):
-  """One forward call in offload mode.
+class StepStats(Counters):
+  """One forward call in offload mode: the `Counters`, plus what only a step has.
 
-  tokens: valid (non-padding) tokens. requested / run: candidate sub-experts of the budget
-  and those that ran, summed over tokens and MoE layers. mass_requested / mass_run: their
-  routing mass. min_run_per_token: the minimum number of sub-experts a token ran in a MoE layer.
-  bytes_fetched: bytes copied from the slow tier into the cache. prefetched: misses whose
-  data the prefetcher had already read; prefetch_wasted_bytes: bytes it read that no layer
-  used. stall_s: time the forward waited for expert data (reads, waits on the prefetcher and
-  cache writes). waves: extra passes over MoE layers whose units did not fit the cache at once
-  (0 when every layer fit).
-  seconds: wall time of the call. error: why the step failed, or None.
+  moe_layers: MoE layers the call ran. min_run_per_token: the minimum number of sub-experts a
+  token ran in a MoE layer. waves: extra passes over MoE layers whose units did not fit the
+  cache at once (0 when every layer fit). error: why the step failed, or None.
   """
 
-  tokens: int = 0
   moe_layers: int = 0
-  requested: int = 0
-  run: int = 0
   min_run_per_token: int = 0
-  mass_requested: float = 0.0
-  mass_run: float = 0.0
-  hits: int = 0
-  misses: int = 0
-  bytes_fetched: int = 0
-  prefetched: int = 0
-  prefetch_wasted_bytes: int = 0
-  stall_s: float = 0.0
   waves: int = 0
-  seconds: float = 0.0
   error: str | None = None
 
   @property
@@ -74,27 +68,15 @@ class StepStats(_Rates):
 
 
 @dataclasses.dataclass(frozen=True)
-class OffloadStats(_Rates):
+class OffloadStats(Counters):
   """Totals over every step since the model was built or `reset_stats` was called."""
 
   steps: int = 0
   failed_steps: int = 0
-  tokens: int = 0
-  requested: int = 0
-  run: int = 0
   moe_token_layers: int = 0
-  mass_requested: float = 0.0
-  mass_run: float = 0.0
-  hits: int = 0
-  misses: int = 0
-  bytes_fetched: int = 0
-  prefetched: int = 0
-  prefetch_wasted_bytes: int = 0
-  stall_s: float = 0.0
-  seconds: float = 0.0
 
   def add(self, step: StepStats) -> OffloadStats:
-    sums = {name: getattr(self, name) + getattr(step, name) for name in _SUMMED}
+    sums = {f.name: getattr(self, f.name) + getattr(step, f.name) for f in dataclasses.fields(Counters)}
     return dataclasses.replace(self, steps=self.steps + 1, failed_steps=self.failed_steps + (step.error is not None),
                                moe_token_layers=self.moe_token_layers + step.tokens * step.moe_layers, **sums)
 
