@@ -130,7 +130,8 @@ class Engine:
     else:
       self.latency = LatencyTable({})
     if isinstance(self.runner, OffloadRunner):
-      self.runner.model.reset_stats()  # metrics count served tokens only, not the start-up runs
+      # The start-up runs served no request, so the offload totals start from zero here.
+      self.runner.model.reset_stats()
     self.scheduler = make_scheduler(self.config, self.compiled_budgets, self.latency)
     return self
 
