@@ -9,7 +9,7 @@ from typing import Any, Literal
 RopeKind = Literal["default", "linear", "yarn", "llama3"]
 QKNorm = Literal["none", "projection", "head"]
 RouterKind = Literal["compound", "linear"]
-Backend = Literal["auto", "xla", "tiled", "tokamax"]
+Backend = Literal["auto", "xla", "native", "tiled", "tokamax"]
 WeightDtype = Literal["float32", "bfloat16"]
 
 

@@ -6,9 +6,12 @@ past `sum(group_sizes)` come out as zeros. Backends:
 
 - `xla`: `jax.lax.ragged_dot`. The accelerator path. XLA:CPU lowers it to a masked dense
   product that costs G times the useful work, so it is not the CPU default.
-- `tiled`: the CPU default; its work follows the rows that exist. Groups are cut into
-  tiles of m rows (one row per tile in decode) and a loop multiplies a cache-sized chunk
-  of tiles at a time (`tile_matmul`).
+- `native`: the CPU default for float32 where a C++ compiler is present. A C++ kernel,
+  compiled for the host CPU on first use, runs one task per group and block of rows on
+  every core of XLA's thread pool (`prism_jax.native`). Other dtypes go to `tiled`.
+- `tiled`: the CPU fallback in pure JAX; its work also follows the rows that exist. Groups
+  are cut into tiles of m rows (one row per tile in decode) and a loop multiplies a
+  cache-sized chunk of tiles at a time (`tile_matmul`).
 - `tokamax`: the tokamax kernels, used only when the package is installed and the
   platform is an accelerator.
 """
@@ -22,12 +25,13 @@ import logging
 import jax
 import jax.numpy as jnp
 
+from prism_jax import native
 from prism_jax.config import Backend
 from prism_jax.tile_matmul import default_tiling, tile_matmul
 
 logger = logging.getLogger(__name__)
 
-_BACKENDS = ("auto", "xla", "tiled", "tokamax")
+_BACKENDS = ("auto", "xla", "native", "tiled", "tokamax")
 
 
 def tokamax_available() -> bool:
@@ -43,12 +47,20 @@ def resolve_backend(backend: Backend = "auto", platform: str | None = None) -> s
     if not tokamax_available():
       raise ValueError("backend 'tokamax' requested but the tokamax package is not installed (pip install tokamax)")
     if platform == "cpu":
-      raise ValueError("backend 'tokamax' has only a slow reference path on CPU; use 'tiled' or 'auto' there")
+      raise ValueError("backend 'tokamax' has only a slow reference path on CPU; use 'auto' there")
+    return backend
+  if backend == "native":
+    if platform != "cpu":
+      raise ValueError(f"backend 'native' runs on CPU only, but the platform is {platform!r}; use 'auto'")
+    try:
+      native.load_kernels()
+    except native.KernelBuildError as e:
+      raise ValueError(f"backend 'native' is unavailable, use backend 'tiled' instead: {e}") from e
     return backend
   if backend != "auto":
     return backend
   if platform == "cpu":
-    return "tiled"
+    return "native" if native.native_available() else "tiled"
   return "tokamax" if tokamax_available() else "xla"
 
 
@@ -85,6 +97,8 @@ def grouped_matmul(
   num_rows, num_groups = lhs_SD.shape[0], rhs_GDF.shape[0]
   if num_rows == 0 or num_groups == 0:
     return jnp.zeros((num_rows, rhs_GDF.shape[2]), jnp.result_type(lhs_SD, rhs_GDF))
+  if chosen == "native" and lhs_SD.dtype == rhs_GDF.dtype == jnp.float32:
+    return native.native_matmul(lhs_SD, rhs_GDF, group_sizes_G)
   weight_bytes = rhs_GDF.shape[1] * rhs_GDF.shape[2] * rhs_GDF.dtype.itemsize
   default_rows, chunk_tiles = default_tiling(num_rows, num_groups, weight_bytes)
   tile_rows = default_rows if tile_rows is None else tile_rows

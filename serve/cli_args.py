@@ -36,7 +36,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("checkpoint", help="prism checkpoint directory (from `prism convert`)")
   parser.add_argument("--partition", help="partition directory (from `prism partition`); without it N=1 and "
                       "budgets are whole experts 1..K")
-  parser.add_argument("--backend", default="auto", choices=("auto", "xla", "tiled", "tokamax"),
+  parser.add_argument("--backend", default="auto", choices=("auto", "xla", "native", "tiled", "tokamax"),
                       help="grouped-matmul backend (default: auto)")
   group = parser.add_argument_group("offloading (memory-limited devices)")
   group.add_argument("--expert-memory",

@@ -30,7 +30,8 @@ def problem(num_rows, num_groups, used_rows, seed=0, concentration=0.5):
 SHAPES = [(5, 16, 5), (40, 16, 33), (300, 6, 290), (257, 32, 200), (64, 8, 0)]
 
 
-@pytest.mark.parametrize("backend,tile_rows", [("tiled", None), ("tiled", 1), ("tiled", 3), ("xla", None)])
+@pytest.mark.parametrize("backend,tile_rows",
+                         [("native", None), ("tiled", None), ("tiled", 1), ("tiled", 3), ("xla", None)])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_backend_matches_loop(backend, tile_rows, shape):
   lhs, rhs, sizes = problem(*shape)
@@ -60,8 +61,8 @@ def test_tile_gradients_match_xla(tile_rows, chunk_tiles):
     assert err <= 1e-4, f"{name}: max abs err {err:.2e}"
 
 
-def test_auto_backend_is_tiled_on_cpu():
-  assert resolve_backend("auto", "cpu") == "tiled"
+def test_auto_backend_is_native_on_cpu():
+  assert resolve_backend("auto", "cpu") == "native"
   assert resolve_backend("auto", "gpu") in ("xla", "tokamax")
 
 
@@ -84,17 +85,17 @@ def test_shape_mismatch_raises():
     grouped_matmul(jnp.zeros((4, 3)), jnp.zeros((2, 5, 6)), jnp.array([2, 2]))
 
 
-@pytest.mark.parametrize("tile_rows", [None, 2])
-def test_unused_nan_row_keeps_gradients_finite(tile_rows):
+@pytest.mark.parametrize("backend,tile_rows", [("native", None), ("tiled", None), ("tiled", 2)])
+def test_unused_nan_row_keeps_gradients_finite(backend, tile_rows):
   lhs = np.ones((3, 4), np.float32)
   lhs[2] = np.nan  # past sum(group_sizes): must reach neither the output nor the gradients
   rhs = np.ones((8, 4, 3), np.float32)
   sizes = jnp.asarray([0, 1, 0, 0, 1, 0, 0, 0])
 
   def loss(a, b):
-    return jnp.sum(grouped_matmul(a, b, sizes, backend="tiled", tile_rows=tile_rows))
+    return jnp.sum(grouped_matmul(a, b, sizes, backend=backend, tile_rows=tile_rows))
 
-  out = grouped_matmul(lhs, rhs, sizes, backend="tiled", tile_rows=tile_rows)
+  out = grouped_matmul(lhs, rhs, sizes, backend=backend, tile_rows=tile_rows)
   assert np.isfinite(np.asarray(out)).all()
   assert (np.asarray(out)[2] == 0).all()
   dlhs, drhs = jax.grad(loss, argnums=(0, 1))(lhs, rhs)
@@ -102,12 +103,12 @@ def test_unused_nan_row_keeps_gradients_finite(tile_rows):
   assert np.isfinite(np.asarray(dlhs)[:2]).all()
 
 
-@pytest.mark.parametrize("tile_rows", [None, 3])
-def test_zero_rows_or_groups_give_empty_output(tile_rows):
-  out = grouped_matmul(jnp.zeros((0, 4)), jnp.zeros((3, 4, 5)), jnp.zeros(3, jnp.int32), backend="tiled",
+@pytest.mark.parametrize("backend,tile_rows", [("native", None), ("tiled", None), ("tiled", 3)])
+def test_zero_rows_or_groups_give_empty_output(backend, tile_rows):
+  out = grouped_matmul(jnp.zeros((0, 4)), jnp.zeros((3, 4, 5)), jnp.zeros(3, jnp.int32), backend=backend,
                        tile_rows=tile_rows)
   assert out.shape == (0, 5)
-  out = grouped_matmul(jnp.ones((2, 4)), jnp.zeros((0, 4, 5)), jnp.zeros(0, jnp.int32), backend="tiled",
+  out = grouped_matmul(jnp.ones((2, 4)), jnp.zeros((0, 4, 5)), jnp.zeros(0, jnp.int32), backend=backend,
                        tile_rows=tile_rows)
   assert out.shape == (2, 5)
   assert (np.asarray(out) == 0).all()
@@ -124,10 +125,10 @@ def test_invalid_chunk_tiles_raises():
     tile_matmul(jnp.ones((4, 3)), jnp.ones((2, 3, 5)), jnp.array([2, 2]), 2, 0)
 
 
-@pytest.mark.parametrize("tile_rows", [None, 2])
-def test_mixed_dtypes_promote_like_ragged_dot(tile_rows):
+@pytest.mark.parametrize("backend,tile_rows", [("native", None), ("tiled", None), ("tiled", 2)])
+def test_mixed_dtypes_promote_like_ragged_dot(backend, tile_rows):
   lhs = jnp.ones((4, 3), jnp.bfloat16)
   rhs = jnp.ones((2, 3, 5), jnp.float32)
   sizes = jnp.array([2, 2])
   want = jax.lax.ragged_dot(lhs, rhs, sizes).dtype
-  assert grouped_matmul(lhs, rhs, sizes, backend="tiled", tile_rows=tile_rows).dtype == want
+  assert grouped_matmul(lhs, rhs, sizes, backend=backend, tile_rows=tile_rows).dtype == want

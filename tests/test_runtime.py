@@ -68,7 +68,7 @@ def test_full_budget_equals_unpartitioned(params, base_logits, n):
     assert err <= 1e-5, f"N={n} budget={budget}: max abs logit diff {err:.2e}"
 
 
-@pytest.mark.parametrize("backend,tile_rows", [("tiled", None), ("tiled", 1), ("xla", None)])
+@pytest.mark.parametrize("backend,tile_rows", [("native", None), ("tiled", None), ("tiled", 1), ("xla", None)])
 @pytest.mark.parametrize("router", ["compound", "linear"])
 def test_backend_matches_loop_reference(params, backend, tile_rows, router):
   n = 4
@@ -156,9 +156,11 @@ def test_backends_have_equal_gradients():
   def loss(lhs, rhs, backend):
     return jnp.sum(grouped_matmul(lhs, rhs, sizes, backend=backend) ** 2)
 
-  grads = {b: jax.grad(loss, argnums=(0, 1))(lhs, rhs, b) for b in ("xla", "tiled")}
-  for got, want in zip(grads["tiled"], grads["xla"]):
-    assert np.abs(np.asarray(got) - np.asarray(want)).max() <= 1e-4
+  grads = {b: jax.grad(loss, argnums=(0, 1))(lhs, rhs, b) for b in ("xla", "native", "tiled")}
+  for backend in ("native", "tiled"):
+    for name, got, want in zip(("d lhs", "d rhs"), grads[backend], grads["xla"]):
+      err = np.abs(np.asarray(got) - np.asarray(want)).max()
+      assert err <= 1e-4, f"{backend} {name}: max abs err {err:.2e}"
 
 
 @pytest.mark.parametrize("budget", [0, 17, 2.5, "4", True])

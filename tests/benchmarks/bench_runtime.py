@@ -7,7 +7,9 @@ Every figure is a ratio of two timings taken side by side in this one run.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import functools
+import os
 import platform
 
 import jax
@@ -18,6 +20,7 @@ from flax import nnx
 from prism_jax.config import ModelConfig
 from prism_jax.grouped_matmul import grouped_matmul
 from prism_jax.model import PrismModel
+from prism_jax.native import native_available
 from prism_jax.subexperts import identity_partition
 from prism_jax.testing import random_params
 from tests.benchmarks.timing import median_seconds
@@ -29,7 +32,8 @@ def grouped_matmul_table(groups_list, rows_list, d, f, repeats):
   print(f"\n(1) grouped matmul, D={d}, F/N={f}: FLOP rate relative to dense jnp.dot of the same useful FLOPs")
   rng = np.random.default_rng(0)
   dense = jax.jit(lambda a, b: a @ b)
-  tiled = jax.jit(functools.partial(grouped_matmul, backend="tiled"))
+  backends = (["native"] if native_available() else []) + ["tiled"]
+  fast = {name: jax.jit(functools.partial(grouped_matmul, backend=name)) for name in backends}
   xla = jax.jit(functools.partial(grouped_matmul, backend="xla"))
   cells = []
   for groups in groups_list:
@@ -40,18 +44,23 @@ def grouped_matmul_table(groups_list, rows_list, d, f, repeats):
       # Uneven group sizes with the same total: a realistic router is not balanced.
       sizes = jnp.asarray(rng.multinomial(num_rows, rng.dirichlet(np.full(groups, 2.0))), jnp.int32)
       cells.append((groups, rows, lhs, rhs, sizes))
-  # The dense and tiled timings of every cell come first: XLA:CPU's ragged_dot allocates up to
-  # 2 GiB per call, and in one run that slowed the tiled timings taken after it by up to 3x.
-  timings = [(median_seconds(lambda: dense(lhs, rhs[0]), repeats=repeats),
-              median_seconds(lambda: tiled(lhs, rhs, sizes), repeats=repeats)) for _, _, lhs, rhs, sizes in cells]
-  print(f"{'groups':>7} {'rows/group':>10} {'dense ms':>9} {'tiled ms':>9} {'tiled/dense':>11} {'xla ms':>9} {'xla/dense':>9}")
-  for (groups, rows, lhs, rhs, sizes), (t_dense, t_tiled) in zip(cells, timings):
+  # The dense, native and tiled timings of every cell come first: XLA:CPU's ragged_dot allocates
+  # up to 2 GiB per call, and in one run that slowed the tiled timings taken after it by up to 3x.
+  timings = []
+  for _, _, lhs, rhs, sizes in cells:
+    row = [median_seconds(lambda: dense(lhs, rhs[0]), repeats=repeats)]
+    row += [median_seconds(lambda: fn(lhs, rhs, sizes), repeats=repeats) for fn in fast.values()]
+    timings.append(row)
+  header = "".join(f" {name + ' ms':>10} {name + '/dense':>12}" for name in backends)
+  print(f"{'groups':>7} {'rows/group':>10} {'dense ms':>9}{header} {'xla ms':>9} {'xla/dense':>9}")
+  for (groups, rows, lhs, rhs, sizes), (t_dense, *t_fast) in zip(cells, timings):
     if groups * lhs.shape[0] * d * 4 <= XLA_RAGGED_LIMIT_BYTES:
       t_xla = median_seconds(lambda: xla(lhs, rhs, sizes), repeats=max(1, repeats // 2))
       xla_cols = f"{t_xla * 1e3:9.1f} {t_dense / t_xla:9.1%}"
     else:
       xla_cols = f"{'skipped':>9} {'(>2 GiB)':>9}"
-    print(f"{groups:7d} {rows:10d} {t_dense * 1e3:9.2f} {t_tiled * 1e3:9.2f} {t_dense / t_tiled:11.1%} {xla_cols}")
+    fast_cols = "".join(f" {t * 1e3:10.2f} {t_dense / t:12.1%}" for t in t_fast)
+    print(f"{groups:7d} {rows:10d} {t_dense * 1e3:9.2f}{fast_cols} {xla_cols}")
 
 
 def budget_model(d, e, k, f, layers, vocab):
@@ -79,8 +88,13 @@ def budget_table(config, n, num_tokens, repeats):
   layer_times = {f: median_seconds(lambda: layer(state, x, valid, int(f * full)), repeats=repeats) for f in fractions}
   model_times = {f: median_seconds(lambda: model(tokens, budget=int(f * full)), repeats=repeats) for f in fractions}
   # End to end, only the MoE share of the full-budget time scales: target (1 - share) + share * (f + 0.1).
-  share = min(1.0, len(config.moe_layer_indices) * layer_times[1.0] / model_times[1.0])
-  print(f"MoE layers take {share:.0%} of the full-budget model time")
+  # The rest is timed on a twin whose MoE layers are replaced by a width-8 dense MLP (near zero cost).
+  twin_config = config.replace(moe_layers=(False,) * config.num_layers, intermediate_size=8)
+  twin = PrismModel(twin_config, random_params(twin_config, seed=0))
+  rest = median_seconds(lambda: twin(tokens), repeats=repeats)
+  share = max(0.0, 1.0 - rest / model_times[1.0])
+  print(f"MoE layers take {share:.0%} of the full-budget model time (the rest, timed without them: "
+        f"{rest * 1e3:.1f} ms)")
   print(f"{'fraction':>8} {'budget':>6} {'layer ms':>9} {'layer/full':>10} {'target':>7} {'model ms':>9} {'model/full':>10} "
         f"{'target':>7}")
   for f in fractions:
@@ -89,11 +103,19 @@ def budget_table(config, n, num_tokens, repeats):
           f"{1 - share + share * (f + 0.1):7.2f}")
 
 
-def bandwidth_bytes_per_second(repeats):
+def bandwidth_bytes_per_second(repeats) -> tuple[float, float]:
+  """Measure read bandwidth over 256 MiB: (one core with jnp.sum, every core with NumPy threads)."""
   size = 256 << 20
   a = jnp.ones((size // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  return size / median_seconds(lambda: total(a), repeats=repeats)
+  one_core = size / median_seconds(lambda: total(a), repeats=repeats)
+  # NumPy releases the GIL inside a float32 sum, so one thread per core reads its own slice.
+  host = np.ones((size // 4,), np.float32)
+  threads = os.cpu_count() or 1
+  slices = np.array_split(host, threads)
+  with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    all_cores = size / median_seconds(lambda: list(pool.map(np.sum, slices)), repeats=repeats)
+  return one_core, all_cores
 
 
 def decode_table(config, n, batch_sizes, repeats):
@@ -107,8 +129,10 @@ def decode_table(config, n, batch_sizes, repeats):
     y, info = nnx.merge(graphdef, state)(x, valid, budget)
     return y, info
 
-  bandwidth = bandwidth_bytes_per_second(repeats)
-  print(f"measured read bandwidth (jnp.sum over 256 MiB): {bandwidth / 1e9:.1f} GB/s")
+  one_core, all_cores = bandwidth_bytes_per_second(repeats)
+  bandwidth = max(one_core, all_cores)
+  print(f"measured read bandwidth over 256 MiB: {one_core / 1e9:.1f} GB/s on one core (jnp.sum), "
+        f"{all_cores / 1e9:.1f} GB/s on {os.cpu_count()} threads (NumPy); the larger is the peak")
   group_bytes = 3 * config.hidden_size * (config.moe_intermediate_size // n) * 4
   print(f"{'batch':>5} {'budget':>6} {'groups':>6} {'MB touched':>10} {'step ms':>8} {'achieved GB/s':>13} {'of peak':>7}")
   rng = np.random.default_rng(2)

@@ -1,0 +1,238 @@
+// Grouped matrix multiplication for XLA:CPU, called through the XLA FFI.
+//
+// out[r] = lhs[r] @ rhs[g] for every row r of group g. Rows are sorted by group: the first
+// group_sizes[0] rows belong to group 0, the next group_sizes[1] to group 1, and so on.
+// Rows past sum(group_sizes) are zero. Only float32 is handled here; the Python side
+// chooses another backend for other dtypes.
+//
+// Work is cut into tasks of (group, block of rows, block of columns). The calling thread
+// and the workers it schedules on XLA's intra-op thread pool take tasks from one atomic
+// counter, so both cores work on one call whatever the group sizes are. Each task walks
+// its columns in panels of NV vectors and, inside a panel, its rows in register tiles of
+// MR rows. The panel of weights (D x NV vectors) stays in the L2 cache while every row
+// tile of the block passes over it.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+constexpr int kAccumulators = 24;  // of 32 vector registers
+#elif defined(__AVX__)
+constexpr int kLanes = 8;
+constexpr int kAccumulators = 12;  // of 16 vector registers
+#else
+constexpr int kLanes = 4;
+constexpr int kAccumulators = 12;
+#endif
+constexpr int kMaxTileRows = 6;
+constexpr int64_t kBlockRows = 48;
+
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float))));
+
+inline Vec Load(const float* p) {
+  Vec v;
+  std::memcpy(&v, p, sizeof(Vec));
+  return v;
+}
+
+inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
+
+// Vectors per column panel: a full tile keeps kMaxTileRows x kPanelVectors accumulators.
+constexpr int kPanelVectors = kAccumulators / kMaxTileRows;
+constexpr int64_t kPanelWidth = kPanelVectors * kLanes;
+
+// c[MR x NV*kLanes] = a[MR x k] @ b[k x NV*kLanes], accumulators in registers. When
+// `ahead` is set, row p of the panel at `ahead` (same ldb) is prefetched alongside row p of b.
+template <int MR, int NV>
+inline void MultiplyTile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
+                         int64_t ldc, int64_t k, const float* ahead) {
+  Vec acc[MR][NV] = {};
+  for (int64_t p = 0; p < k; ++p) {
+    Vec bv[NV];
+    for (int j = 0; j < NV; ++j) bv[j] = Load(b + p * ldb + j * kLanes);
+    if (ahead != nullptr) {
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(ahead + p * ldb + j * kLanes);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const float ai = a[i * lda + p];
+      for (int j = 0; j < NV; ++j) acc[i][j] += ai * bv[j];
+    }
+  }
+  for (int i = 0; i < MR; ++i) {
+    for (int j = 0; j < NV; ++j) Store(c + i * ldc + j * kLanes, acc[i][j]);
+  }
+}
+
+// Columns [col, col_end) of MR rows: wide panels, then single vectors, then scalars. The
+// first wide panel prefetches the panel at `ahead`.
+template <int MR>
+void MultiplyRows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
+                  int64_t k, int64_t col, int64_t col_end, const float* ahead) {
+  for (; col + kPanelWidth <= col_end; col += kPanelWidth, ahead = nullptr) {
+    MultiplyTile<MR, kPanelVectors>(a, lda, b + col, ldb, c + col, ldc, k, ahead);
+  }
+  for (; col + kLanes <= col_end; col += kLanes) {
+    MultiplyTile<MR, 1>(a, lda, b + col, ldb, c + col, ldc, k, nullptr);
+  }
+  for (; col < col_end; ++col) {
+    for (int i = 0; i < MR; ++i) {
+      float sum = 0.0f;
+      for (int64_t p = 0; p < k; ++p) sum += a[i * lda + p] * b[p * ldb + col];
+      c[i * ldc + col] = sum;
+    }
+  }
+}
+
+using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
+                        int64_t, int64_t, const float*);
+constexpr RowsFn kRowsFns[kMaxTileRows + 1] = {
+    nullptr,         MultiplyRows<1>, MultiplyRows<2>, MultiplyRows<3>,
+    MultiplyRows<4>, MultiplyRows<5>, MultiplyRows<6>,
+};
+
+struct Task {
+  int64_t group;
+  int64_t row_begin;
+  int64_t row_end;
+  int64_t col_begin;
+  int64_t col_end;
+};
+
+struct Problem {
+  const float* lhs;
+  const float* rhs;
+  float* out;
+  int64_t depth;  // D
+  int64_t width;  // F
+  std::vector<Task> tasks;
+  int64_t batch = 1;  // tasks taken at a time
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+};
+
+// Multiply one task's columns panel by panel, and inside a panel its rows in tiles of
+// kMaxTileRows. The first row tile of each panel prefetches the next panel, or the first
+// panel of `next` (this thread's next task, when known), so memory reads overlap the math.
+void RunTask(const Problem& problem, const Task& task, const Task* next) {
+  const int64_t d = problem.depth, f = problem.width;
+  const float* b = problem.rhs + task.group * d * f;
+  for (int64_t col = task.col_begin; col < task.col_end; col += kPanelWidth) {
+    const int64_t col_end = std::min(col + kPanelWidth, task.col_end);
+    const float* ahead = nullptr;
+    if (col_end < task.col_end) {
+      ahead = b + col_end;
+    } else if (next != nullptr) {
+      ahead = problem.rhs + next->group * d * f + next->col_begin;
+    }
+    for (int64_t row = task.row_begin; row < task.row_end; row += kMaxTileRows) {
+      const int64_t rows = std::min<int64_t>(kMaxTileRows, task.row_end - row);
+      kRowsFns[rows](problem.lhs + row * d, d, b, f, problem.out + row * f, f, d, col, col_end, ahead);
+      ahead = nullptr;
+    }
+  }
+}
+
+// Take runs of `batch` consecutive tasks until none are left. Inside a run, each task
+// prefetches the weights of the one after it.
+void Drain(Problem& problem) {
+  const int64_t total = static_cast<int64_t>(problem.tasks.size());
+  const int64_t batch = problem.batch;
+  for (int64_t i = problem.next.fetch_add(batch); i < total; i = problem.next.fetch_add(batch)) {
+    const int64_t end = std::min(i + batch, total);
+    for (int64_t t = i; t < end; ++t) {
+      RunTask(problem, problem.tasks[t], t + 1 < end ? &problem.tasks[t + 1] : nullptr);
+    }
+    problem.done.fetch_add(end - i, std::memory_order_release);
+  }
+}
+
+// Cut every group into blocks of kBlockRows rows. While there are fewer than four tasks per
+// thread, split the columns too, so that small calls still use every thread.
+std::vector<Task> MakeTasks(const int32_t* sizes, int64_t groups, int64_t rows, int64_t width,
+                            int64_t threads) {
+  int64_t row_blocks = 0;
+  for (int64_t g = 0, used = 0; g < groups; ++g) {
+    const int64_t n = std::clamp<int64_t>(sizes[g], 0, rows - used);
+    row_blocks += (n + kBlockRows - 1) / kBlockRows;
+    used += n;
+  }
+  int64_t col_blocks = 1;
+  while (row_blocks * col_blocks < 4 * threads && width / (2 * col_blocks) >= 4 * kLanes) {
+    col_blocks *= 2;
+  }
+  const int64_t col_step = ((width + col_blocks - 1) / col_blocks + kLanes - 1) / kLanes * kLanes;
+
+  std::vector<Task> tasks;
+  tasks.reserve(row_blocks * col_blocks);
+  for (int64_t g = 0, used = 0; g < groups; ++g) {
+    const int64_t n = std::clamp<int64_t>(sizes[g], 0, rows - used);
+    for (int64_t r = used; r < used + n; r += kBlockRows) {
+      for (int64_t c = 0; c < width; c += col_step) {
+        tasks.push_back({g, r, std::min(r + kBlockRows, used + n), c, std::min(c + col_step, width)});
+      }
+    }
+    used += n;
+  }
+  return tasks;
+}
+
+ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
+                         ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
+  const auto lhs_dims = lhs.dimensions();
+  const auto rhs_dims = rhs.dimensions();
+  if (lhs_dims.size() != 2 || rhs_dims.size() != 3 || group_sizes.dimensions().size() != 1 ||
+      lhs_dims[1] != rhs_dims[1] || group_sizes.dimensions()[0] != rhs_dims[0]) {
+    return ffi::Error::InvalidArgument("expected lhs [S, D], rhs [G, D, F] and group_sizes [G]");
+  }
+  const int64_t rows = lhs_dims[0], groups = rhs_dims[0];
+  const int64_t width = rhs_dims[2];
+  const int32_t* sizes = group_sizes.typed_data();
+
+  auto problem = std::make_shared<Problem>();
+  problem->lhs = lhs.typed_data();
+  problem->rhs = rhs.typed_data();
+  problem->out = out->typed_data();
+  problem->depth = lhs_dims[1];
+  problem->width = width;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  problem->tasks = MakeTasks(sizes, groups, rows, width, threads);
+  // Runs of up to 8 tasks, while every thread still gets at least 8 runs to balance the load.
+  problem->batch = std::clamp<int64_t>(static_cast<int64_t>(problem->tasks.size()) / (8 * threads), 1, 8);
+
+  int64_t covered = 0;
+  for (int64_t g = 0; g < groups; ++g) covered += std::clamp<int64_t>(sizes[g], 0, rows - covered);
+  std::memset(problem->out + covered * width, 0, (rows - covered) * width * sizeof(float));
+
+  // A worker that starts after every task is taken returns at once without touching a
+  // buffer. It keeps the problem alive through the shared pointer, so it may outlive this call.
+  const int64_t total = static_cast<int64_t>(problem->tasks.size());
+  const int64_t helpers = std::min<int64_t>(threads, total) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([problem] { Drain(*problem); });
+  }
+  Drain(*problem);
+  while (problem->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulF32, GroupedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

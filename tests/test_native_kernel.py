@@ -1,0 +1,113 @@
+"""The C++ grouped-matmul kernel: shapes that reach every code path, gradients, build and fallback."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from prism_jax import native
+from prism_jax.grouped_matmul import grouped_matmul, resolve_backend
+from prism_jax.native import build
+
+
+# (rows, groups, D, F, used rows): register-tile panels plus vector and scalar column tails,
+# groups longer than one row block, one busy group (columns split across threads), decode.
+SHAPES = [(300, 5, 32, 70, 290), (120, 2, 17, 160, 120), (400, 3, 64, 128, 400), (9, 16, 48, 64, 9),
+          (50, 4, 8, 1, 33)]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_native_matches_ragged_dot(shape):
+  rows, groups, depth, width, used = shape
+  rng = np.random.default_rng(sum(shape))
+  lhs = rng.normal(size=(rows, depth)).astype(np.float32)
+  rhs = rng.normal(size=(groups, depth, width)).astype(np.float32)
+  sizes = jnp.asarray(rng.multinomial(used, np.full(groups, 1 / groups)), jnp.int32)
+  got = np.asarray(jax.jit(native.native_matmul)(lhs, rhs, sizes))
+  want = np.asarray(jax.lax.ragged_dot(lhs, rhs, sizes))
+  assert np.isfinite(got).all()
+  err = np.abs(got - want).max()
+  assert err <= 1e-4 * max(1.0, np.abs(want).max()), f"max abs err {err:.2e}"
+  assert (got[used:] == 0).all()
+
+
+def test_native_clamps_group_sizes_past_rows():
+  lhs = jnp.ones((4, 3), jnp.float32)
+  rhs = jnp.ones((2, 3, 2), jnp.float32)
+  got = np.asarray(native.native_matmul(lhs, rhs, jnp.asarray([3, 5], jnp.int32)))
+  np.testing.assert_array_equal(got, np.full((4, 2), 3.0, np.float32))
+
+
+def test_native_under_vmap_matches_each_call():
+  rng = np.random.default_rng(0)
+  lhs = jnp.asarray(rng.normal(size=(3, 10, 8)), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(4, 8, 16)), jnp.float32)
+  sizes = jnp.asarray([2, 3, 0, 5], jnp.int32)
+  got = jax.vmap(native.native_matmul, in_axes=(0, None, None))(lhs, rhs, sizes)
+  for i in range(3):
+    want = jax.lax.ragged_dot(lhs[i], rhs, sizes)
+    assert np.abs(np.asarray(got[i]) - np.asarray(want)).max() <= 1e-5
+
+
+def test_native_rejects_other_dtypes():
+  with pytest.raises(TypeError, match="float32 inputs, got bfloat16"):
+    native.native_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((1, 3, 2), jnp.float32), jnp.asarray([2]))
+
+
+def test_bfloat16_falls_back_to_tiled():
+  lhs = jnp.ones((4, 3), jnp.bfloat16)
+  rhs = jnp.ones((2, 3, 5), jnp.bfloat16)
+  out = grouped_matmul(lhs, rhs, jnp.asarray([1, 3]), backend="native")
+  assert out.dtype == jnp.bfloat16
+  assert (np.asarray(out, np.float32) == 3).all()
+
+
+@pytest.fixture
+def fresh_build(tmp_path, monkeypatch):
+  """Point the build cache at an empty directory and forget earlier build results."""
+  monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+  build.load_kernels.cache_clear()
+  build.native_available.cache_clear()
+  yield tmp_path / "prism-jax" / "native"
+  build.load_kernels.cache_clear()
+  build.native_available.cache_clear()
+
+
+def test_build_is_cached(fresh_build, monkeypatch):
+  library = build.load_kernels()
+  assert library.parent == fresh_build
+  assert [p.name for p in fresh_build.iterdir()] == [library.name]
+  build.load_kernels.cache_clear()
+  monkeypatch.setattr(build, "_compile", lambda *_: pytest.fail("a cached build was compiled again"))
+  assert build.load_kernels() == library
+
+
+def test_failed_build_leaves_nothing_and_falls_back(fresh_build, tmp_path, monkeypatch, caplog):
+  # A compiler that writes half a library to its -o path, then fails.
+  compiler = tmp_path / "broken-cxx"
+  compiler.write_text('#!/bin/sh\n[ "$1" = --version ] && echo broken 1.0 && exit 0\n'
+                      'for a; do [ "$prev" = -o ] && echo partial > "$a"; prev=$a; done\n'
+                      'echo "error: out of memory" >&2; exit 3\n')
+  compiler.chmod(0o755)
+  monkeypatch.setenv("CXX", str(compiler))
+  with pytest.raises(build.KernelBuildError, match="(?s)failed with exit status 3.*out of memory"):
+    build.load_kernels()
+  assert not any(fresh_build.iterdir())
+  with caplog.at_level(logging.WARNING):
+    assert resolve_backend("auto", "cpu") == "tiled"
+  assert "using the 'tiled' backend instead" in caplog.text
+  with pytest.raises(ValueError, match="backend 'native' is unavailable, use backend 'tiled' instead: .*broken-cxx failed"):
+    resolve_backend("native", "cpu")
+
+
+def test_missing_compiler_is_reported(fresh_build, monkeypatch):
+  monkeypatch.setattr(build, "find_compiler", lambda: None)
+  with pytest.raises(build.KernelBuildError, match="no C\\+\\+ compiler found.*install g\\+\\+"):
+    build.load_kernels()
+
+
+def test_native_off_cpu_raises():
+  with pytest.raises(ValueError, match="runs on CPU only.*'gpu'"):
+    resolve_backend("native", "gpu")
