@@ -102,6 +102,24 @@ def test_failed_build_leaves_nothing_and_falls_back(fresh_build, tmp_path, monke
     resolve_backend("native", "cpu")
 
 
+def test_corrupt_cached_library_is_rebuilt(fresh_build, monkeypatch):
+  library = build.load_kernels()
+  library.write_bytes(b"not a shared library")
+  build.load_kernels.cache_clear()
+  monkeypatch.setattr(build, "_registered", None)
+  monkeypatch.setattr(build.jax.ffi, "register_ffi_target", lambda *args, **kwargs: None)
+  assert build.load_kernels() == library
+  assert library.read_bytes() != b"not a shared library"
+
+
+def test_unwritable_cache_is_reported(fresh_build, tmp_path, monkeypatch):
+  blocker = tmp_path / "file"
+  blocker.write_text("")
+  monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a regular file: no directory can be made under it
+  with pytest.raises(build.KernelBuildError, match="cannot write to the kernel cache.*set XDG_CACHE_HOME"):
+    build.load_kernels()
+
+
 def test_missing_compiler_is_reported(fresh_build, monkeypatch):
   monkeypatch.setattr(build, "find_compiler", lambda: None)
   with pytest.raises(build.KernelBuildError, match="no C\\+\\+ compiler found.*install g\\+\\+"):

@@ -22,8 +22,8 @@ SCRIPT = textwrap.dedent("""
     assert len(jax.devices()) == 8, jax.devices()
     params = random_params(CONFIG, seed=0, scale=8.0)
     toks = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (2, 16)).astype(np.int32)
-    for partition in (None, random_partition(CONFIG, 4)):
-        model = PrismModel(CONFIG, params, partition=partition)
+    for backend, partition in [(b, p) for b in ("native", "tiled") for p in (None, random_partition(CONFIG, 4))]:
+        model = PrismModel(CONFIG, params, partition=partition, backend=backend)
         budgets = [None] if partition is None else [None, 3, 6]
         single = {b: np.asarray(model(toks, budget=b)) for b in budgets}
         shard_model(model, expert_mesh(8))
@@ -31,7 +31,7 @@ SCRIPT = textwrap.dedent("""
         assert spec[0] == "expert", spec
         for b in budgets:
             err = np.abs(np.asarray(model(toks, budget=b)) - single[b]).max()
-            assert err <= 1e-5, (b, err)
+            assert err <= 1e-5, (backend, b, err)
     print("SHARDING OK")
 """)
 

@@ -68,18 +68,25 @@ def _build_key(compiler: str, version: str) -> str:
 
 
 def _compile(compiler: str, output: pathlib.Path) -> None:
-  output.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp_name = tempfile.mkstemp(prefix=output.stem + ".", suffix=".tmp", dir=output.parent)
+  try:
+    output.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=output.stem + ".", suffix=".tmp", dir=output.parent)
+  except OSError as e:
+    raise KernelBuildError(f"cannot write to the kernel cache {output.parent}: {e}; set XDG_CACHE_HOME to a "
+                           "writable directory") from e
   os.close(fd)
   command = [compiler, *_FLAGS, "-isystem", jax.ffi.include_dir(), str(SOURCE), "-o", tmp_name]
   logger.info("compiling the native kernels: %s", " ".join(command))
   try:
     result = subprocess.run(command, capture_output=True, text=True, timeout=_COMPILE_TIMEOUT_S, check=False)
     if result.returncode != 0:
-      raise KernelBuildError(f"{compiler} failed with exit status {result.returncode}; its output ends:\n{result.stderr[-4000:]}")
+      raise KernelBuildError(f"{compiler} failed with exit status {result.returncode}; its output ends:\n"
+                             f"{result.stderr[-4000:]}")
     os.replace(tmp_name, output)
   except subprocess.TimeoutExpired as e:
     raise KernelBuildError(f"{compiler} did not finish within {_COMPILE_TIMEOUT_S} s") from e
+  except OSError as e:
+    raise KernelBuildError(f"cannot run the C++ compiler {compiler!r}: {e}") from e
   finally:
     if os.path.exists(tmp_name):
       os.remove(tmp_name)
@@ -104,7 +111,17 @@ def load_kernels() -> pathlib.Path:
   library = cache_dir() / f"prism_native_{_build_key(compiler, version)}.so"
   if not library.exists():
     _compile(compiler, library)
-  _register(library)
+  try:
+    _register(library)
+  except OSError as e:
+    # A cached library that no longer loads (truncated by a full disk, say) is rebuilt once.
+    logger.warning("cannot load the cached kernels %s (%s); rebuilding them", library, e)
+    library.unlink(missing_ok=True)
+    _compile(compiler, library)
+    try:
+      _register(library)
+    except OSError as e2:
+      raise KernelBuildError(f"cannot load the freshly built {library}: {e2}") from e2
   return library
 
 
@@ -114,10 +131,7 @@ def _register(library: pathlib.Path) -> None:
   global _registered
   if _registered is not None:
     return
-  try:
-    handle = ctypes.CDLL(str(library))
-  except OSError as e:
-    raise KernelBuildError(f"cannot load {library}: {e}; delete it to rebuild") from e
+  handle = ctypes.CDLL(str(library))
   for target, symbol in TARGETS.items():
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(handle, symbol)), platform="cpu")
   _registered = library

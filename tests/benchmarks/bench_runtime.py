@@ -23,7 +23,7 @@ from prism_jax.model import PrismModel
 from prism_jax.native import native_available
 from prism_jax.subexperts import identity_partition
 from prism_jax.testing import random_params
-from tests.benchmarks.timing import median_seconds
+from tests.benchmarks.timing import interleaved_medians, median_seconds
 
 XLA_RAGGED_LIMIT_BYTES = 2 << 30  # XLA:CPU ragged_dot materializes [G, M, D]; skip it above this.
 
@@ -48,9 +48,9 @@ def grouped_matmul_table(groups_list, rows_list, d, f, repeats):
   # up to 2 GiB per call, and in one run that slowed the tiled timings taken after it by up to 3x.
   timings = []
   for _, _, lhs, rhs, sizes in cells:
-    row = [median_seconds(lambda: dense(lhs, rhs[0]), repeats=repeats)]
-    row += [median_seconds(lambda: fn(lhs, rhs, sizes), repeats=repeats) for fn in fast.values()]
-    timings.append(row)
+    fns = {"dense": functools.partial(dense, lhs, rhs[0])}
+    fns.update({name: functools.partial(fn, lhs, rhs, sizes) for name, fn in fast.items()})
+    timings.append(list(interleaved_medians(fns, repeats=repeats).values()))
   header = "".join(f" {name + ' ms':>10} {name + '/dense':>12}" for name in backends)
   print(f"{'groups':>7} {'rows/group':>10} {'dense ms':>9}{header} {'xla ms':>9} {'xla/dense':>9}")
   for (groups, rows, lhs, rhs, sizes), (t_dense, *t_fast) in zip(cells, timings):
@@ -85,13 +85,15 @@ def budget_table(config, n, num_tokens, repeats):
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, config.vocab_size, (1, num_tokens)), jnp.int32)
   full = model.full_budget
   fractions = (0.25, 0.5, 0.75, 1.0)
-  layer_times = {f: median_seconds(lambda: layer(state, x, valid, int(f * full)), repeats=repeats) for f in fractions}
-  model_times = {f: median_seconds(lambda: model(tokens, budget=int(f * full)), repeats=repeats) for f in fractions}
+  layer_times = interleaved_medians(
+      {f: functools.partial(layer, state, x, valid, int(f * full)) for f in fractions}, repeats=repeats)
   # End to end, only the MoE share of the full-budget time scales: target (1 - share) + share * (f + 0.1).
   # The rest is timed on a twin whose MoE layers are replaced by a width-8 dense MLP (near zero cost).
   twin_config = config.replace(moe_layers=(False,) * config.num_layers, intermediate_size=8)
   twin = PrismModel(twin_config, random_params(twin_config, seed=0))
-  rest = median_seconds(lambda: twin(tokens), repeats=repeats)
+  model_fns = {f: functools.partial(model, tokens, budget=int(f * full)) for f in fractions}
+  model_times = interleaved_medians({**model_fns, "rest": functools.partial(twin, tokens)}, repeats=repeats)
+  rest = model_times["rest"]
   share = max(0.0, 1.0 - rest / model_times[1.0])
   print(f"MoE layers take {share:.0%} of the full-budget model time (the rest, timed without them: "
         f"{rest * 1e3:.1f} ms)")
@@ -103,18 +105,23 @@ def budget_table(config, n, num_tokens, repeats):
           f"{1 - share + share * (f + 0.1):7.2f}")
 
 
+def min_seconds(fn, repeats):
+  return min(median_seconds(fn, repeats=1, warmup=0 if i else 1) for i in range(repeats))
+
+
 def bandwidth_bytes_per_second(repeats) -> tuple[float, float]:
-  """Measure read bandwidth over 256 MiB: (one core with jnp.sum, every core with NumPy threads)."""
+  """Measure peak read bandwidth over 256 MiB (fastest of the repeats): one core with jnp.sum,
+  and every core with NumPy threads."""
   size = 256 << 20
   a = jnp.ones((size // 4,), jnp.float32)
   total = jax.jit(jnp.sum)
-  one_core = size / median_seconds(lambda: total(a), repeats=repeats)
+  one_core = size / min_seconds(lambda: total(a), repeats=repeats)
   # NumPy releases the GIL inside a float32 sum, so one thread per core reads its own slice.
   host = np.ones((size // 4,), np.float32)
   threads = os.cpu_count() or 1
   slices = np.array_split(host, threads)
   with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-    all_cores = size / median_seconds(lambda: list(pool.map(np.sum, slices)), repeats=repeats)
+    all_cores = size / min_seconds(lambda: list(pool.map(np.sum, slices)), repeats=repeats)
   return one_core, all_cores
 
 

@@ -19,3 +19,21 @@ def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - start)
   return statistics.median(times)
+
+
+def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 5) -> dict[str, float]:
+  """Median wall time of each function, timed in round-robin order.
+
+  Each round calls every function once, so a slow spell of a shared machine falls on all
+  of them alike and their ratios stay meaningful. Every function is called once, untimed,
+  before the first round.
+  """
+  for fn in fns.values():
+    jax.block_until_ready(fn())
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  for _ in range(repeats):
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - start)
+  return {name: statistics.median(values) for name, values in times.items()}
