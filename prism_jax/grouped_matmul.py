@@ -79,7 +79,11 @@ def grouped_matmul(
     backend: Backend = "auto",
     tile_rows: int | None = None,
 ) -> jax.Array:
-  """Multiply consecutive row groups of `lhs_SD` by their own `rhs_GDF[g]`; returns [S, F]."""
+  """Multiply consecutive row groups of `lhs_SD` by their own `rhs_GDF[g]`; returns [S, F].
+
+  `tile_rows` sets the tile size of the `tiled` backend (None: chosen from the mean group
+  size); the other backends ignore it.
+  """
   if lhs_SD.ndim != 2 or rhs_GDF.ndim != 3 or group_sizes_G.shape != rhs_GDF.shape[:1]:
     raise ValueError(
         f"expected lhs [S, D], rhs [G, D, F], group_sizes [G]; got {lhs_SD.shape}, {rhs_GDF.shape}, "
