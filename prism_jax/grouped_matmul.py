@@ -55,7 +55,7 @@ def resolve_backend(backend: Backend = "auto", platform: str | None = None) -> s
     try:
       native.load_kernels()
     except native.KernelBuildError as e:
-      raise ValueError(f"backend 'native' is unavailable, use backend 'tiled' instead: {e}") from e
+      raise ValueError(f"backend 'native' is unavailable (choose backend 'tiled' or 'auto'): {e}") from e
     return backend
   if backend != "auto":
     return backend
@@ -82,7 +82,8 @@ def grouped_matmul(
   """Multiply consecutive row groups of `lhs_SD` by their own `rhs_GDF[g]`; returns [S, F].
 
   `tile_rows` sets the tile size of the `tiled` backend (None: chosen from the mean group
-  size); the other backends ignore it.
+  size); the other backends ignore it. Group sizes must be non-negative: the backends treat
+  negative sizes differently (`native` clamps each to [0, rows left]).
   """
   if lhs_SD.ndim != 2 or rhs_GDF.ndim != 3 or group_sizes_G.shape != rhs_GDF.shape[:1]:
     raise ValueError(

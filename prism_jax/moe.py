@@ -16,7 +16,7 @@ from flax import struct
 
 from prism_jax.budget import budget_pattern, row_patterns
 from prism_jax.config import Backend, ModelConfig, SubExpertConfig
-from prism_jax.grouped_matmul import grouped_matmul
+from prism_jax.grouped_matmul import grouped_matmul, resolve_backend
 from prism_jax.layers import SwiGLU
 
 
@@ -45,6 +45,11 @@ class Dispatch:
 
   backend: Backend = "auto"
   tile_rows: int | None = None
+
+  def __post_init__(self):
+    # An explicit backend that cannot run here fails at load time, not at the first compile.
+    if self.backend != "auto":
+      resolve_backend(self.backend)
 
 
 def route_parent(x_SD: jax.Array, router_DE: jax.Array, top_k: int,

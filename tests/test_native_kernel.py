@@ -1,5 +1,6 @@
 """The C++ grouped-matmul kernel: shapes that reach every code path, gradients, build and fallback."""
 
+import concurrent.futures
 import logging
 
 import jax
@@ -51,6 +52,22 @@ def test_native_under_vmap_matches_each_call():
     assert np.abs(np.asarray(got[i]) - np.asarray(want)).max() <= 1e-5
 
 
+def test_native_second_derivative_matches_ragged_dot():
+  rng = np.random.default_rng(3)
+  lhs = jnp.asarray(rng.normal(size=(12, 5)), jnp.float32)
+  rhs = jnp.asarray(rng.normal(size=(3, 5, 4)), jnp.float32)
+  sizes = jnp.asarray([4, 0, 6], jnp.int32)
+
+  def outer(matmul):
+    inner = jax.grad(lambda a: jnp.sum(jnp.sin(matmul(a, rhs, sizes))))
+    return jax.grad(lambda a: jnp.sum(inner(a) ** 2))(lhs)
+
+  got = np.asarray(outer(native.native_matmul))
+  want = np.asarray(outer(jax.lax.ragged_dot))
+  err = np.abs(got - want).max()
+  assert err <= 1e-4, f"max abs err {err:.2e}"
+
+
 def test_native_rejects_other_dtypes():
   with pytest.raises(TypeError, match="float32 inputs, got bfloat16"):
     native.native_matmul(jnp.ones((2, 3), jnp.bfloat16), jnp.ones((1, 3, 2), jnp.float32), jnp.asarray([2]))
@@ -68,48 +85,97 @@ def test_bfloat16_falls_back_to_tiled():
 def fresh_build(tmp_path, monkeypatch):
   """Point the build cache at an empty directory and forget earlier build results."""
   monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-  build.load_kernels.cache_clear()
-  build.native_available.cache_clear()
-  yield tmp_path / "prism-jax" / "native"
-  build.load_kernels.cache_clear()
-  build.native_available.cache_clear()
+  monkeypatch.setattr(build, "_loaded", {})
+  monkeypatch.setattr(build, "_available", None)
+  return tmp_path / "prism-jax" / "native"
+
+
+def forget_loads(monkeypatch):
+  monkeypatch.setattr(build, "_loaded", {})
+  monkeypatch.setattr(build, "_available", None)
+
+
+def fake_compiler(tmp_path, body):
+  """Write a shell script that prints a version for --version and otherwise runs `body`."""
+  path = tmp_path / "fake-cxx"
+  path.write_text('#!/bin/sh\n[ "$1" = --version ] && echo fake 1.0 && exit 0\n'
+                  'for a; do [ "$prev" = -o ] && out=$a; prev=$a; done\n' + body)
+  path.chmod(0o755)
+  return path
 
 
 def test_build_is_cached(fresh_build, monkeypatch):
   library = build.load_kernels()
   assert library.parent == fresh_build
-  assert [p.name for p in fresh_build.iterdir()] == [library.name]
-  build.load_kernels.cache_clear()
+  assert sorted(p.name for p in fresh_build.iterdir()) == sorted([library.name, library.with_suffix(".sha256").name])
+  assert library.stat().st_mode & 0o777 == 0o755
+  forget_loads(monkeypatch)
   monkeypatch.setattr(build, "_compile", lambda *_: pytest.fail("a cached build was compiled again"))
   assert build.load_kernels() == library
 
 
+@pytest.mark.parametrize("damage", ["overwrite", "truncate"])
+def test_damaged_cached_library_is_rebuilt(fresh_build, monkeypatch, damage):
+  library = build.load_kernels()
+  good = library.read_bytes()
+  # Loading a truncated shared library can kill the process with SIGBUS: it must be caught before.
+  library.write_bytes(b"not a shared library" if damage == "overwrite" else good[:len(good) // 2])
+  forget_loads(monkeypatch)
+  monkeypatch.setattr(build, "_registered", None)
+  monkeypatch.setattr(build.jax.ffi, "register_ffi_target", lambda *args, **kwargs: None)
+  assert build.load_kernels() == library
+  assert build._is_intact(library)
+
+
 def test_failed_build_leaves_nothing_and_falls_back(fresh_build, tmp_path, monkeypatch, caplog):
   # A compiler that writes half a library to its -o path, then fails.
-  compiler = tmp_path / "broken-cxx"
-  compiler.write_text('#!/bin/sh\n[ "$1" = --version ] && echo broken 1.0 && exit 0\n'
-                      'for a; do [ "$prev" = -o ] && echo partial > "$a"; prev=$a; done\n'
-                      'echo "error: out of memory" >&2; exit 3\n')
-  compiler.chmod(0o755)
+  compiler = fake_compiler(tmp_path, 'echo partial > "$out"; echo "error: out of memory" >&2; exit 3\n')
   monkeypatch.setenv("CXX", str(compiler))
   with pytest.raises(build.KernelBuildError, match="(?s)failed with exit status 3.*out of memory"):
     build.load_kernels()
   assert not any(fresh_build.iterdir())
   with caplog.at_level(logging.WARNING):
     assert resolve_backend("auto", "cpu") == "tiled"
-  assert "using the 'tiled' backend instead" in caplog.text
-  with pytest.raises(ValueError, match="backend 'native' is unavailable, use backend 'tiled' instead: .*broken-cxx failed"):
+    assert resolve_backend("auto", "cpu") == "tiled"
+  assert caplog.text.count("using the 'tiled' backend instead") == 1
+  unavailable = r"backend 'native' is unavailable \(choose backend 'tiled' or 'auto'\): .*fake-cxx failed"
+  with pytest.raises(ValueError, match=unavailable):
     resolve_backend("native", "cpu")
 
 
-def test_corrupt_cached_library_is_rebuilt(fresh_build, monkeypatch):
-  library = build.load_kernels()
-  library.write_bytes(b"not a shared library")
-  build.load_kernels.cache_clear()
+def test_model_with_unavailable_backend_fails_at_load(fresh_build, monkeypatch):
+  from prism_jax.model import PrismModel
+  from prism_jax.testing import random_params
+  from tests.test_runtime import CONFIG
+
+  monkeypatch.setattr(build, "find_compiler", lambda: None)
+  with pytest.raises(ValueError, match="backend 'native' is unavailable.*no C\\+\\+ compiler found"):
+    PrismModel(CONFIG, random_params(CONFIG, seed=0), backend="native")
+
+
+def test_unloadable_build_is_removed(fresh_build, tmp_path, monkeypatch):
+  # A "compiler" that exits 0 but writes something that is not a shared library.
+  monkeypatch.setenv("CXX", str(fake_compiler(tmp_path, 'echo garbage > "$out"\n')))
   monkeypatch.setattr(build, "_registered", None)
-  monkeypatch.setattr(build.jax.ffi, "register_ffi_target", lambda *args, **kwargs: None)
-  assert build.load_kernels() == library
-  assert library.read_bytes() != b"not a shared library"
+  with pytest.raises(build.KernelBuildError, match="cannot be loaded.*Check that \\$CXX is a C\\+\\+ compiler"):
+    build.load_kernels()
+  assert not any(fresh_build.iterdir())
+
+
+def test_compiler_with_arguments(fresh_build, monkeypatch):
+  monkeypatch.setenv("CXX", "env LC_ALL=C g++")
+  assert build.find_compiler() == ["env", "LC_ALL=C", "g++"]
+  assert build.load_kernels().parent == fresh_build
+
+
+def test_concurrent_first_use_builds_once(fresh_build, monkeypatch):
+  calls = []
+  compile_once = build._compile
+  monkeypatch.setattr(build, "_compile", lambda *args: calls.append(1) or compile_once(*args))
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    results = list(pool.map(lambda _: build.native_available(), range(4)))
+  assert results == [True] * 4
+  assert len(calls) == 1
 
 
 def test_unwritable_cache_is_reported(fresh_build, tmp_path, monkeypatch):
@@ -118,6 +184,11 @@ def test_unwritable_cache_is_reported(fresh_build, tmp_path, monkeypatch):
   monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # a regular file: no directory can be made under it
   with pytest.raises(build.KernelBuildError, match="cannot write to the kernel cache.*set XDG_CACHE_HOME"):
     build.load_kernels()
+
+
+def test_relative_cache_home_is_ignored(monkeypatch):
+  monkeypatch.setenv("XDG_CACHE_HOME", "relative/cache")
+  assert build.cache_dir().is_absolute()
 
 
 def test_missing_compiler_is_reported(fresh_build, monkeypatch):

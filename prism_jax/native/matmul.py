@@ -36,7 +36,8 @@ def _fwd(lhs_SD, rhs_GDF, group_sizes_G):
 def _bwd(residuals, dout_SF):
   lhs_SD, rhs_GDF, group_sizes_G = residuals
   dout_SF = dout_SF.astype(jnp.float32)
-  dlhs_SD = _call(dout_SF, jnp.swapaxes(rhs_GDF, 1, 2), group_sizes_G)
+  # Through native_matmul, not the raw call, so that d lhs can be differentiated again.
+  dlhs_SD = native_matmul(dout_SF, jnp.swapaxes(rhs_GDF, 1, 2), group_sizes_G)
   drhs_GDF = tile_rhs_gradient(lhs_SD, dout_SF, group_sizes_G)
   return dlhs_SD, drhs_GDF, None
 
