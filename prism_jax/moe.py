@@ -64,12 +64,28 @@ def route_parent(x_SD: jax.Array, router_DE: jax.Array, top_k: int,
 
 
 def core_scores(x_SD: jax.Array, core_gate_DC: jax.Array, core_up_DC: jax.Array, experts_SK: jax.Array,
-                num_experts: int, num_sub_experts: int) -> jax.Array:
-  """Score the sub-experts of each chosen expert by mean |silu(g) * u| over their core neurons: [S, K, N]."""
-  x = x_SD.astype(core_gate_DC.dtype)
-  act = jnp.abs(jax.nn.silu(x @ core_gate_DC) * (x @ core_up_DC)).astype(jnp.float32)
-  score_SEN = act.reshape(x_SD.shape[0], num_experts, num_sub_experts, -1).mean(axis=-1)
-  return jnp.take_along_axis(score_SEN, experts_SK[:, :, None], axis=1)
+                num_experts: int, num_sub_experts: int, *, backend: Backend = "auto") -> jax.Array:
+  """Score the sub-experts of each chosen expert by mean |silu(g) * u| over their core neurons: [S, K, N].
+
+  Only the chosen experts' core neurons are computed, as a grouped matmul over (token, expert)
+  pairs, so the cost follows the K columns of `experts_SK` rather than all E experts.
+  """
+  num_tokens, k = experts_SK.shape
+  d, width = x_SD.shape[1], core_gate_DC.shape[1] // num_experts  # width = N * core neurons
+  # [D, E * width] twice -> [E, D, 2 * width]: each expert's gate cores, then its up cores.
+  cores_EDW = jnp.concatenate(
+      [core_gate_DC.reshape(d, num_experts, width), core_up_DC.reshape(d, num_experts, width)], axis=-1
+  ).transpose(1, 0, 2)
+  # Worked example, K=2, experts [[3, 0], [0, 1]]: pairs [3, 0, 0, 1] sort to order [1, 2, 3, 0],
+  # rows from tokens [0, 1, 1, 0], group sizes [2, 1, 0, 1]; the product then goes back to pair order.
+  experts_R = experts_SK.reshape(-1)
+  order_R = jnp.argsort(experts_R, stable=True)
+  sizes_E = jnp.zeros((num_experts,), jnp.int32).at[experts_R].add(1)
+  rows_RD = x_SD[order_R // k].astype(cores_EDW.dtype)
+  sorted_RW = grouped_matmul(rows_RD, cores_EDW, sizes_E, backend=backend)
+  act_RW = jnp.zeros_like(sorted_RW).at[order_R].set(sorted_RW)
+  act = jnp.abs(jax.nn.silu(act_RW[:, :width]) * act_RW[:, width:]).astype(jnp.float32)
+  return act.reshape(num_tokens, k, num_sub_experts, -1).mean(axis=-1)
 
 
 def rank_sub_experts(score_SKN: jax.Array) -> jax.Array:
@@ -128,11 +144,11 @@ class SubExpertMoE(nnx.Module):
   def full_budget(self) -> int:
     return self.num_sub_experts * self.top_k
 
-  def _sub_expert_order(self, x_SD: jax.Array, experts_SK: jax.Array) -> jax.Array:
-    """Rank the sub-experts of each chosen expert by mean |silu(g) * u| over their core neurons."""
-    score_SKN = core_scores(x_SD, self.core_gate[...], self.core_up[...], experts_SK, self.num_experts,
-                            self.num_sub_experts)
-    return rank_sub_experts(score_SKN)
+  def _sub_expert_order(self, x_SD: jax.Array, experts_SR: jax.Array) -> jax.Array:
+    """Rank the sub-experts of each given expert by mean |silu(g) * u| over their core neurons: [S, R, N]."""
+    score_SRN = core_scores(x_SD, self.core_gate[...], self.core_up[...], experts_SR, self.num_experts,
+                            self.num_sub_experts, backend=self.dispatch.backend)
+    return rank_sub_experts(score_SRN)
 
   def _compound_assignments(
       self, x_SD: jax.Array, valid_S: jax.Array, budget: int, budget_S: jax.Array | None
@@ -141,14 +157,23 @@ class SubExpertMoE(nnx.Module):
     weights_SK, experts_SK, probs_SE = route_parent(x_SD, self.router[...], self.top_k, self.normalize)
     pattern = budget_pattern(budget, n, self.top_k)
     counts_SK = None if budget_S is None else row_patterns(budget_S, n, self.top_k)
-    needs_rank = n > 1 and (budget_S is not None or any(0 < p < n for p in pattern))
-    order_SKN = self._sub_expert_order(x_SD, experts_SK) if needs_rank else None
+    # Only ranks that run part of their expert need an order; per-row budgets may cut any rank.
+    if n == 1:
+      ranked = ()
+    elif budget_S is not None:
+      ranked = tuple(range(self.top_k))
+    else:
+      ranked = tuple(rank for rank, count in enumerate(pattern) if 0 < count < n)
+    order_SRN = self._sub_expert_order(x_SD, experts_SK[:, list(ranked)]) if ranked else None
 
     num_tokens = x_SD.shape[0]
     groups, weights, valids = [], [], []
     for rank, count in enumerate(pattern):
       for j in range(count):
-        sub_expert = order_SKN[:, rank, j] if order_SKN is not None else jnp.full((num_tokens,), j)
+        if rank in ranked:
+          sub_expert = order_SRN[:, ranked.index(rank), j]
+        else:
+          sub_expert = jnp.full((num_tokens,), j)
         groups.append(experts_SK[:, rank] * n + sub_expert)
         weights.append(weights_SK[:, rank])
         valid = valid_S if counts_SK is None else valid_S & (j < counts_SK[:, rank])
