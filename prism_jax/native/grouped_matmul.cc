@@ -53,17 +53,27 @@ inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 constexpr int kPanelVectors = kAccumulators / kMaxTileRows;
 constexpr int64_t kPanelWidth = kPanelVectors * kLanes;
 
-// c[MR x NV*kLanes] = a[MR x k] @ b[k x NV*kLanes], accumulators in registers. When
-// `ahead` is set, row p of the panel at `ahead` (same ldb) is prefetched alongside row p of b.
+// Rows of the next weight panel to prefetch while a tile runs: every `stride`-th row from
+// `phase`. The row tiles of one panel take phases 0, 1, ..., so together they fetch the
+// whole next panel, spread over the time the current panel takes.
+struct Prefetch {
+  const float* panel = nullptr;
+  int64_t phase = 0;
+  int64_t stride = 1;
+};
+
+// c[MR x NV*kLanes] = a[MR x k] @ b[k x NV*kLanes], accumulators in registers.
 template <int MR, int NV>
 inline void MultiplyTile(const float* a, int64_t lda, const float* b, int64_t ldb, float* c,
-                         int64_t ldc, int64_t k, const float* ahead) {
+                         int64_t ldc, int64_t k, Prefetch ahead) {
   Vec acc[MR][NV] = {};
+  int64_t countdown = ahead.panel != nullptr ? ahead.phase : k;
   for (int64_t p = 0; p < k; ++p) {
     Vec bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = Load(b + p * ldb + j * kLanes);
-    if (ahead != nullptr) {
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(ahead + p * ldb + j * kLanes);
+    if (countdown-- == 0) {
+      for (int j = 0; j < NV; ++j) __builtin_prefetch(ahead.panel + p * ldb + j * kLanes);
+      countdown = ahead.stride - 1;
     }
     for (int i = 0; i < MR; ++i) {
       const float ai = a[i * lda + p];
@@ -76,15 +86,15 @@ inline void MultiplyTile(const float* a, int64_t lda, const float* b, int64_t ld
 }
 
 // Columns [col, col_end) of MR rows: wide panels, then single vectors, then scalars. The
-// first wide panel prefetches the panel at `ahead`.
+// first wide panel runs the prefetch.
 template <int MR>
 void MultiplyRows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
-                  int64_t k, int64_t col, int64_t col_end, const float* ahead) {
-  for (; col + kPanelWidth <= col_end; col += kPanelWidth, ahead = nullptr) {
+                  int64_t k, int64_t col, int64_t col_end, Prefetch ahead) {
+  for (; col + kPanelWidth <= col_end; col += kPanelWidth, ahead = Prefetch{}) {
     MultiplyTile<MR, kPanelVectors>(a, lda, b + col, ldb, c + col, ldc, k, ahead);
   }
   for (; col + kLanes <= col_end; col += kLanes) {
-    MultiplyTile<MR, 1>(a, lda, b + col, ldb, c + col, ldc, k, nullptr);
+    MultiplyTile<MR, 1>(a, lda, b + col, ldb, c + col, ldc, k, Prefetch{});
   }
   for (; col < col_end; ++col) {
     for (int i = 0; i < MR; ++i) {
@@ -96,7 +106,7 @@ void MultiplyRows(const float* a, int64_t lda, const float* b, int64_t ldb, floa
 }
 
 using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
-                        int64_t, int64_t, const float*);
+                        int64_t, int64_t, Prefetch);
 constexpr RowsFn kRowsFns[kMaxTileRows + 1] = {
     nullptr,         MultiplyRows<1>, MultiplyRows<2>, MultiplyRows<3>,
     MultiplyRows<4>, MultiplyRows<5>, MultiplyRows<6>,
@@ -123,8 +133,8 @@ struct Problem {
 };
 
 // Multiply one task's columns panel by panel, and inside a panel its rows in tiles of
-// kMaxTileRows. The first row tile of each panel prefetches the next panel, or the first
-// panel of `next` (this thread's next task, when known), so memory reads overlap the math.
+// kMaxTileRows. The row tiles of each panel prefetch the next panel, or the first panel of
+// `next` (this thread's next task, when known), so memory reads overlap the math.
 void RunTask(const Problem& problem, const Task& task, const Task* next) {
   const int64_t d = problem.depth, f = problem.width;
   const float* b = problem.rhs + task.group * d * f;
@@ -136,10 +146,12 @@ void RunTask(const Problem& problem, const Task& task, const Task* next) {
     } else if (next != nullptr) {
       ahead = problem.rhs + next->group * d * f + next->col_begin;
     }
-    for (int64_t row = task.row_begin; row < task.row_end; row += kMaxTileRows) {
+    const int64_t tiles = (task.row_end - task.row_begin + kMaxTileRows - 1) / kMaxTileRows;
+    for (int64_t tile = 0; tile < tiles; ++tile) {
+      const int64_t row = task.row_begin + tile * kMaxTileRows;
       const int64_t rows = std::min<int64_t>(kMaxTileRows, task.row_end - row);
-      kRowsFns[rows](problem.lhs + row * d, d, b, f, problem.out + row * f, f, d, col, col_end, ahead);
-      ahead = nullptr;
+      kRowsFns[rows](problem.lhs + row * d, d, b, f, problem.out + row * f, f, d, col, col_end,
+                     Prefetch{ahead, tile, tiles});
     }
   }
 }
