@@ -109,15 +109,6 @@ def _rhs_gradient(lhs_SD, dout_SF, layout: TileLayout, num_groups, chunk_tiles):
   return jax.lax.fori_loop(0, layout.used_chunks, body, grad_GDF)
 
 
-def tile_rhs_gradient(lhs_SD: jax.Array, dout_SF: jax.Array, group_sizes_G: jax.Array) -> jax.Array:
-  """Compute d rhs [G, D, F] of a grouped matmul whose output gradient is `dout_SF`, tile by tile."""
-  num_groups = group_sizes_G.shape[0]
-  weight_bytes = lhs_SD.shape[1] * dout_SF.shape[1] * 4
-  tile_rows, chunk_tiles = default_tiling(lhs_SD.shape[0], num_groups, weight_bytes)
-  layout = tile_layout(group_sizes_G, lhs_SD.shape[0], tile_rows, chunk_tiles)
-  return _rhs_gradient(lhs_SD, dout_SF, layout, num_groups, chunk_tiles)
-
-
 def tile_matmul(lhs_SD: jax.Array, rhs_GDF: jax.Array, group_sizes_G: jax.Array, tile_rows: int,
                 chunk_tiles: int) -> jax.Array:
   """Compute `ragged_dot(lhs_SD, rhs_GDF, group_sizes_G)` tile by tile; returns [S, F]."""

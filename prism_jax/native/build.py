@@ -28,7 +28,8 @@ import jax
 logger = logging.getLogger(__name__)
 
 SOURCE = pathlib.Path(__file__).with_name("grouped_matmul.cc")
-TARGETS = {"prism_grouped_matmul_f32": "PrismGroupedMatmulF32"}
+TARGETS = {"prism_grouped_matmul_f32": "PrismGroupedMatmulF32",
+           "prism_grouped_matmul_rhs_grad_f32": "PrismGroupedMatmulRhsGradF32"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
 _COMPILE_TIMEOUT_S = 300
 

@@ -2,12 +2,13 @@
 //
 // out[r] = lhs[r] @ rhs[g] for every row r of group g. Rows are sorted by group: the first
 // group_sizes[0] rows belong to group 0, the next group_sizes[1] to group 1, and so on.
-// Rows past sum(group_sizes) are zero. Only float32 is handled here; the Python side
+// Rows past sum(group_sizes) are zero. A second handler computes the weight gradient of
+// the same product for the backward pass. Only float32 is handled here; the Python side
 // chooses another backend for other dtypes.
 //
 // Work is cut into tasks of (group, block of rows, block of columns). The calling thread
 // and the workers it schedules on XLA's intra-op thread pool take tasks from one atomic
-// counter, so both cores work on one call whatever the group sizes are. Each task walks
+// counter, so every core works on one call whatever the group sizes are. Each task walks
 // its columns in panels of NV vectors and, inside a panel, its rows in register tiles of
 // MR rows. The panel of weights (D x NV vectors) stays in the L2 cache while every row
 // tile of the block passes over it.
@@ -112,20 +113,20 @@ constexpr RowsFn kRowsFns[kMaxTileRows + 1] = {
     MultiplyRows<4>, MultiplyRows<5>, MultiplyRows<6>,
 };
 
+// One block of output rows c[rows x cols] = a[rows x k] @ b[k x cols], for the columns
+// [col_begin, col_end). The leading dimensions are the problem's.
 struct Task {
-  int64_t group;
-  int64_t row_begin;
-  int64_t row_end;
+  const float* a;
+  const float* b;
+  float* c;
+  int64_t rows;
+  int64_t k;
   int64_t col_begin;
   int64_t col_end;
 };
 
 struct Problem {
-  const float* lhs;
-  const float* rhs;
-  float* out;
-  int64_t depth;  // D
-  int64_t width;  // F
+  int64_t lda, ldb, ldc;
   std::vector<Task> tasks;
   int64_t batch = 1;  // tasks taken at a time
   std::atomic<int64_t> next{0};
@@ -136,21 +137,20 @@ struct Problem {
 // kMaxTileRows. The row tiles of each panel prefetch the next panel, or the first panel of
 // `next` (this thread's next task, when known), so memory reads overlap the math.
 void RunTask(const Problem& problem, const Task& task, const Task* next) {
-  const int64_t d = problem.depth, f = problem.width;
-  const float* b = problem.rhs + task.group * d * f;
+  const int64_t lda = problem.lda, ldb = problem.ldb, ldc = problem.ldc;
   for (int64_t col = task.col_begin; col < task.col_end; col += kPanelWidth) {
     const int64_t col_end = std::min(col + kPanelWidth, task.col_end);
     const float* ahead = nullptr;
     if (col_end < task.col_end) {
-      ahead = b + col_end;
+      ahead = task.b + col_end;
     } else if (next != nullptr) {
-      ahead = problem.rhs + next->group * d * f + next->col_begin;
+      ahead = next->b + next->col_begin;
     }
-    const int64_t tiles = (task.row_end - task.row_begin + kMaxTileRows - 1) / kMaxTileRows;
+    const int64_t tiles = (task.rows + kMaxTileRows - 1) / kMaxTileRows;
     for (int64_t tile = 0; tile < tiles; ++tile) {
-      const int64_t row = task.row_begin + tile * kMaxTileRows;
-      const int64_t rows = std::min<int64_t>(kMaxTileRows, task.row_end - row);
-      kRowsFns[rows](problem.lhs + row * d, d, b, f, problem.out + row * f, f, d, col, col_end,
+      const int64_t row = tile * kMaxTileRows;
+      const int64_t rows = std::min<int64_t>(kMaxTileRows, task.rows - row);
+      kRowsFns[rows](task.a + row * lda, lda, task.b, ldb, task.c + row * ldc, ldc, task.k, col, col_end,
                      Prefetch{ahead, tile, tiles});
     }
   }
@@ -170,36 +170,70 @@ void Drain(Problem& problem) {
   }
 }
 
-// Cut every group into blocks of kBlockRows rows. While there are fewer than four tasks per
-// thread, split the columns too, so that small calls still use every thread.
-std::vector<Task> MakeTasks(const int32_t* sizes, int64_t groups, int64_t rows, int64_t width,
-                            int64_t threads) {
-  int64_t row_blocks = 0;
-  for (int64_t g = 0, used = 0; g < groups; ++g) {
-    const int64_t n = std::clamp<int64_t>(sizes[g], 0, rows - used);
-    row_blocks += (n + kBlockRows - 1) / kBlockRows;
-    used += n;
+// Row ranges of the groups: group g owns rows [starts[g], starts[g] + counts[g]). Each size
+// is clamped to [0, rows left], so sizes past the row count or negative never read out of bounds.
+struct GroupRows {
+  std::vector<int64_t> starts, counts;
+  int64_t covered = 0;
+};
+
+GroupRows SplitRows(const int32_t* sizes, int64_t groups, int64_t rows) {
+  GroupRows split;
+  split.starts.resize(groups);
+  split.counts.resize(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    split.starts[g] = split.covered;
+    split.counts[g] = std::clamp<int64_t>(sizes[g], 0, rows - split.covered);
+    split.covered += split.counts[g];
   }
+  return split;
+}
+
+// Column blocks per row block: while there are fewer than four tasks per thread, split the
+// columns too, so that small calls still use every thread. Returns the block width.
+int64_t ColumnStep(int64_t row_blocks, int64_t width, int64_t threads) {
   int64_t col_blocks = 1;
   while (row_blocks * col_blocks < 4 * threads && width / (2 * col_blocks) >= 4 * kLanes) {
     col_blocks *= 2;
   }
-  const int64_t col_step = ((width + col_blocks - 1) / col_blocks + kLanes - 1) / kLanes * kLanes;
-
-  std::vector<Task> tasks;
-  tasks.reserve(row_blocks * col_blocks);
-  for (int64_t g = 0, used = 0; g < groups; ++g) {
-    const int64_t n = std::clamp<int64_t>(sizes[g], 0, rows - used);
-    for (int64_t r = used; r < used + n; r += kBlockRows) {
-      for (int64_t c = 0; c < width; c += col_step) {
-        tasks.push_back({g, r, std::min(r + kBlockRows, used + n), c, std::min(c + col_step, width)});
-      }
-    }
-    used += n;
-  }
-  return tasks;
+  return std::max<int64_t>(kLanes, ((width + col_blocks - 1) / col_blocks + kLanes - 1) / kLanes * kLanes);
 }
 
+// Add the tasks of an output block of `rows` rows, cut into blocks of kBlockRows rows.
+void AddTasks(std::vector<Task>& tasks, const float* a, int64_t lda, const float* b, float* c, int64_t ldc,
+              int64_t rows, int64_t k, int64_t width, int64_t col_step) {
+  for (int64_t r = 0; r < rows; r += kBlockRows) {
+    for (int64_t col = 0; col < width; col += col_step) {
+      tasks.push_back({a + r * lda, b, c + r * ldc, std::min(kBlockRows, rows - r), k, col,
+                       std::min(col + col_step, width)});
+    }
+  }
+}
+
+// Run every task on the calling thread and up to num_threads - 1 pool workers.
+void Run(ffi::ThreadPool& pool, std::shared_ptr<Problem> problem, int64_t threads) {
+  const int64_t total = static_cast<int64_t>(problem->tasks.size());
+  // Runs of up to 8 tasks, while every thread still gets at least 8 runs to balance the load.
+  problem->batch = std::clamp<int64_t>(total / (8 * threads), 1, 8);
+  // A worker that starts after every task is taken returns at once without touching a
+  // buffer. It keeps the problem alive through the shared pointer, so it may outlive the call.
+  const int64_t helpers = std::min<int64_t>(threads, total) - 1;
+  for (int64_t i = 0; i < helpers; ++i) {
+    pool.Schedule([problem] { Drain(*problem); });
+  }
+  Drain(*problem);
+  while (problem->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+}
+
+int64_t Threads(ffi::ThreadPool& pool) { return std::max<int64_t>(1, pool.num_threads()); }
+
+int64_t RowBlocks(const GroupRows& split) {
+  int64_t blocks = 0;
+  for (int64_t count : split.counts) blocks += (count + kBlockRows - 1) / kBlockRows;
+  return blocks;
+}
+
+// out[S, F]: the rows of group g times rhs[g]; rows past the groups are zero.
 ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::Buffer<ffi::F32> rhs,
                          ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> out) {
   const auto lhs_dims = lhs.dimensions();
@@ -208,40 +242,68 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::B
       lhs_dims[1] != rhs_dims[1] || group_sizes.dimensions()[0] != rhs_dims[0]) {
     return ffi::Error::InvalidArgument("expected lhs [S, D], rhs [G, D, F] and group_sizes [G]");
   }
-  const int64_t rows = lhs_dims[0], groups = rhs_dims[0];
-  const int64_t width = rhs_dims[2];
-  const int32_t* sizes = group_sizes.typed_data();
+  const int64_t rows = lhs_dims[0], groups = rhs_dims[0], depth = rhs_dims[1], width = rhs_dims[2];
+  const GroupRows split = SplitRows(group_sizes.typed_data(), groups, rows);
+  float* c = out->typed_data();
+  std::memset(c + split.covered * width, 0, (rows - split.covered) * width * sizeof(float));
 
   auto problem = std::make_shared<Problem>();
-  problem->lhs = lhs.typed_data();
-  problem->rhs = rhs.typed_data();
-  problem->out = out->typed_data();
-  problem->depth = lhs_dims[1];
-  problem->width = width;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  problem->tasks = MakeTasks(sizes, groups, rows, width, threads);
-  // Runs of up to 8 tasks, while every thread still gets at least 8 runs to balance the load.
-  problem->batch = std::clamp<int64_t>(static_cast<int64_t>(problem->tasks.size()) / (8 * threads), 1, 8);
-
-  int64_t covered = 0;
-  for (int64_t g = 0; g < groups; ++g) covered += std::clamp<int64_t>(sizes[g], 0, rows - covered);
-  std::memset(problem->out + covered * width, 0, (rows - covered) * width * sizeof(float));
-
-  // A worker that starts after every task is taken returns at once without touching a
-  // buffer. It keeps the problem alive through the shared pointer, so it may outlive this call.
-  const int64_t total = static_cast<int64_t>(problem->tasks.size());
-  const int64_t helpers = std::min<int64_t>(threads, total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) {
-    pool.Schedule([problem] { Drain(*problem); });
+  problem->lda = depth;
+  problem->ldb = width;
+  problem->ldc = width;
+  const int64_t threads = Threads(pool);
+  const int64_t col_step = ColumnStep(RowBlocks(split), width, threads);
+  for (int64_t g = 0; g < groups; ++g) {
+    const int64_t first = split.starts[g];
+    AddTasks(problem->tasks, lhs.typed_data() + first * depth, depth, rhs.typed_data() + g * depth * width,
+             c + first * width, width, split.counts[g], depth, width, col_step);
   }
-  Drain(*problem);
-  while (problem->done.load(std::memory_order_acquire) < total) std::this_thread::yield();
+  Run(pool, problem, threads);
+  return ffi::Error::Success();
+}
+
+// grad_rhs[G, D, F]: grad_rhs[g] = (rows of group g)^T @ (d out rows of group g). It reads
+// the transposed lhs [D, S], in which each row holds a group's values contiguously.
+ffi::Error GroupedMatmulRhsGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs_t, ffi::Buffer<ffi::F32> dout,
+                                ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> grad_rhs) {
+  const auto lhs_dims = lhs_t.dimensions();
+  const auto dout_dims = dout.dimensions();
+  const auto grad_dims = grad_rhs->dimensions();
+  if (lhs_dims.size() != 2 || dout_dims.size() != 2 || grad_dims.size() != 3 ||
+      group_sizes.dimensions().size() != 1 || lhs_dims[1] != dout_dims[0] || grad_dims[0] != group_sizes.dimensions()[0] ||
+      grad_dims[1] != lhs_dims[0] || grad_dims[2] != dout_dims[1]) {
+    return ffi::Error::InvalidArgument("expected lhs^T [D, S], d out [S, F], group_sizes [G] and d rhs [G, D, F]");
+  }
+  const int64_t depth = lhs_dims[0], rows = lhs_dims[1], groups = grad_dims[0], width = dout_dims[1];
+  const GroupRows split = SplitRows(group_sizes.typed_data(), groups, rows);
+
+  auto problem = std::make_shared<Problem>();
+  problem->lda = rows;
+  problem->ldb = width;
+  problem->ldc = width;
+  const int64_t threads = Threads(pool);
+  const int64_t col_step = ColumnStep(groups * ((depth + kBlockRows - 1) / kBlockRows), width, threads);
+  for (int64_t g = 0; g < groups; ++g) {
+    // A group without rows gets k = 0 and so a zero gradient.
+    const int64_t first = split.starts[g];
+    AddTasks(problem->tasks, lhs_t.typed_data() + first, rows, dout.typed_data() + first * width,
+             grad_rhs->typed_data() + g * depth * width, width, depth, split.counts[g], width, col_step);
+  }
+  Run(pool, problem, threads);
   return ffi::Error::Success();
 }
 
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulF32, GroupedMatmul,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulRhsGradF32, GroupedMatmulRhsGrad,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
