@@ -51,8 +51,11 @@ inline Vec Load(const float* p) {
 inline void Store(float* p, Vec v) { std::memcpy(p, &v, sizeof(Vec)); }
 
 // Vectors per column panel: a full tile keeps kMaxTileRows x kPanelVectors accumulators.
+// Blocks of at most kWideRows rows (decode) use panels twice as wide, so that they read
+// each weight row in longer contiguous runs.
 constexpr int kPanelVectors = kAccumulators / kMaxTileRows;
 constexpr int64_t kPanelWidth = kPanelVectors * kLanes;
+constexpr int kWideRows = 2;
 
 // Rows of the next weight panel to prefetch while a tile runs: every `stride`-th row from
 // `phase`. The row tiles of one panel take phases 0, 1, ..., so together they fetch the
@@ -88,11 +91,11 @@ inline void MultiplyTile(const float* a, int64_t lda, const float* b, int64_t ld
 
 // Columns [col, col_end) of MR rows: wide panels, then single vectors, then scalars. The
 // first wide panel runs the prefetch.
-template <int MR>
+template <int MR, int NV>
 void MultiplyRows(const float* a, int64_t lda, const float* b, int64_t ldb, float* c, int64_t ldc,
                   int64_t k, int64_t col, int64_t col_end, Prefetch ahead) {
-  for (; col + kPanelWidth <= col_end; col += kPanelWidth, ahead = Prefetch{}) {
-    MultiplyTile<MR, kPanelVectors>(a, lda, b + col, ldb, c + col, ldc, k, ahead);
+  for (; col + NV * kLanes <= col_end; col += NV * kLanes, ahead = Prefetch{}) {
+    MultiplyTile<MR, NV>(a, lda, b + col, ldb, c + col, ldc, k, ahead);
   }
   for (; col + kLanes <= col_end; col += kLanes) {
     MultiplyTile<MR, 1>(a, lda, b + col, ldb, c + col, ldc, k, Prefetch{});
@@ -109,8 +112,18 @@ void MultiplyRows(const float* a, int64_t lda, const float* b, int64_t ldb, floa
 using RowsFn = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t,
                         int64_t, int64_t, Prefetch);
 constexpr RowsFn kRowsFns[kMaxTileRows + 1] = {
-    nullptr,         MultiplyRows<1>, MultiplyRows<2>, MultiplyRows<3>,
-    MultiplyRows<4>, MultiplyRows<5>, MultiplyRows<6>,
+    nullptr,
+    MultiplyRows<1, kPanelVectors>,
+    MultiplyRows<2, kPanelVectors>,
+    MultiplyRows<3, kPanelVectors>,
+    MultiplyRows<4, kPanelVectors>,
+    MultiplyRows<5, kPanelVectors>,
+    MultiplyRows<6, kPanelVectors>,
+};
+constexpr RowsFn kWideRowsFns[kWideRows + 1] = {
+    nullptr,
+    MultiplyRows<1, 2 * kPanelVectors>,
+    MultiplyRows<2, 2 * kPanelVectors>,
 };
 
 // One block of output rows c[rows x cols] = a[rows x k] @ b[k x cols], for the columns
@@ -138,8 +151,11 @@ struct Problem {
 // `next` (this thread's next task, when known), so memory reads overlap the math.
 void RunTask(const Problem& problem, const Task& task, const Task* next) {
   const int64_t lda = problem.lda, ldb = problem.ldb, ldc = problem.ldc;
-  for (int64_t col = task.col_begin; col < task.col_end; col += kPanelWidth) {
-    const int64_t col_end = std::min(col + kPanelWidth, task.col_end);
+  const bool wide = task.rows <= kWideRows;
+  const int64_t panel_width = wide ? 2 * kPanelWidth : kPanelWidth;
+  const RowsFn* rows_fns = wide ? kWideRowsFns : kRowsFns;
+  for (int64_t col = task.col_begin; col < task.col_end; col += panel_width) {
+    const int64_t col_end = std::min(col + panel_width, task.col_end);
     const float* ahead = nullptr;
     if (col_end < task.col_end) {
       ahead = task.b + col_end;
@@ -150,7 +166,7 @@ void RunTask(const Problem& problem, const Task& task, const Task* next) {
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t row = tile * kMaxTileRows;
       const int64_t rows = std::min<int64_t>(kMaxTileRows, task.rows - row);
-      kRowsFns[rows](task.a + row * lda, lda, task.b, ldb, task.c + row * ldc, ldc, task.k, col, col_end,
+      rows_fns[rows](task.a + row * lda, lda, task.b, ldb, task.c + row * ldc, ldc, task.k, col, col_end,
                      Prefetch{ahead, tile, tiles});
     }
   }
