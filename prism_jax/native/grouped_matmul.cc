@@ -62,6 +62,7 @@ constexpr int kWideRows = 2;
 // whole next panel, spread over the time the current panel takes.
 struct Prefetch {
   const float* panel = nullptr;
+  int64_t rows = 0;  // rows of the next panel; none past them is touched
   int64_t phase = 0;
   int64_t stride = 1;
 };
@@ -76,7 +77,9 @@ inline void MultiplyTile(const float* a, int64_t lda, const float* b, int64_t ld
     Vec bv[NV];
     for (int j = 0; j < NV; ++j) bv[j] = Load(b + p * ldb + j * kLanes);
     if (countdown-- == 0) {
-      for (int j = 0; j < NV; ++j) __builtin_prefetch(ahead.panel + p * ldb + j * kLanes);
+      if (p < ahead.rows) {
+        for (int j = 0; j < NV; ++j) __builtin_prefetch(ahead.panel + p * ldb + j * kLanes);
+      }
       countdown = ahead.stride - 1;
     }
     for (int i = 0; i < MR; ++i) {
@@ -156,18 +159,18 @@ void RunTask(const Problem& problem, const Task& task, const Task* next) {
   const RowsFn* rows_fns = wide ? kWideRowsFns : kRowsFns;
   for (int64_t col = task.col_begin; col < task.col_end; col += panel_width) {
     const int64_t col_end = std::min(col + panel_width, task.col_end);
-    const float* ahead = nullptr;
+    Prefetch ahead;
     if (col_end < task.col_end) {
-      ahead = task.b + col_end;
+      ahead = {task.b + col_end, task.k};
     } else if (next != nullptr) {
-      ahead = next->b + next->col_begin;
+      ahead = {next->b + next->col_begin, next->k};
     }
     const int64_t tiles = (task.rows + kMaxTileRows - 1) / kMaxTileRows;
     for (int64_t tile = 0; tile < tiles; ++tile) {
       const int64_t row = tile * kMaxTileRows;
       const int64_t rows = std::min<int64_t>(kMaxTileRows, task.rows - row);
       rows_fns[rows](task.a + row * lda, lda, task.b, ldb, task.c + row * ldc, ldc, task.k, col, col_end,
-                     Prefetch{ahead, tile, tiles});
+                     Prefetch{ahead.panel, ahead.rows, tile, tiles});
     }
   }
 }
