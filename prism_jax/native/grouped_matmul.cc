@@ -282,7 +282,7 @@ ffi::Error GroupedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs, ffi::B
 }
 
 // grad_rhs[G, D, F]: grad_rhs[g] = (rows of group g)^T @ (d out rows of group g). It reads
-// the transposed lhs [D, S], in which each row holds a group's values contiguously.
+// the transposed lhs [D, S], in which each group's values are contiguous within every row.
 ffi::Error GroupedMatmulRhsGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs_t, ffi::Buffer<ffi::F32> dout,
                                 ffi::Buffer<ffi::S32> group_sizes, ffi::ResultBuffer<ffi::F32> grad_rhs) {
   const auto lhs_dims = lhs_t.dimensions();
@@ -312,20 +312,18 @@ ffi::Error GroupedMatmulRhsGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> lhs_
   return ffi::Error::Success();
 }
 
+// Both handlers take the thread pool, two float32 operands and int32 group sizes, and
+// return one float32 buffer.
+auto GroupedBinding() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::S32>>()
+      .Ret<ffi::Buffer<ffi::F32>>();
+}
+
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulF32, GroupedMatmul,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulRhsGradF32, GroupedMatmulRhsGrad,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulF32, GroupedMatmul, GroupedBinding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(PrismGroupedMatmulRhsGradF32, GroupedMatmulRhsGrad, GroupedBinding());
