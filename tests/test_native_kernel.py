@@ -135,6 +135,7 @@ def test_build_is_cached(fresh_build, monkeypatch):
   assert library.parent == fresh_build
   assert sorted(p.name for p in fresh_build.iterdir()) == sorted([library.name, library.with_suffix(".sha256").name])
   assert library.stat().st_mode & 0o777 == 0o755
+  assert library.with_suffix(".sha256").stat().st_mode & 0o777 == 0o644
   forget_loads(monkeypatch)
   monkeypatch.setattr(build, "_compile", lambda *_: pytest.fail("a cached build was compiled again"))
   assert build.load_kernels() == library

@@ -80,27 +80,27 @@ def _build_key(compiler: list[str], version: str) -> str:
   return digest.hexdigest()[:16]
 
 
-def _file_digest(path: pathlib.Path) -> str:
-  return hashlib.sha256(path.read_bytes()).hexdigest()
+def _digest(data: bytes) -> str:
+  return hashlib.sha256(data).hexdigest()
 
 
 def _is_intact(library: pathlib.Path) -> bool:
   """Return whether `library` exists and matches the digest recorded when it was built."""
   checksum = library.with_suffix(".sha256")
   try:
-    return library.is_file() and checksum.read_text().strip() == _file_digest(library)
+    return library.is_file() and checksum.read_text().strip() == _digest(library.read_bytes())
   except OSError:
     return False
 
 
-def _write_atomically(path: pathlib.Path, write) -> None:
+def _write_atomically(path: pathlib.Path, data: bytes, mode: int) -> None:
   fd, tmp_name = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
   try:
     with os.fdopen(fd, "wb") as f:
-      write(f)
+      f.write(data)
       f.flush()
       os.fsync(f.fileno())
-    os.chmod(tmp_name, 0o755)  # mkstemp makes the file 0600; other users of a shared cache must read it
+    os.chmod(tmp_name, mode)  # mkstemp makes the file 0600; other users of a shared cache must read it
     os.replace(tmp_name, path)
   finally:
     if os.path.exists(tmp_name):
@@ -123,8 +123,8 @@ def _compile(compiler: list[str], library: pathlib.Path) -> None:
       raise KernelBuildError(f"{shlex.join(compiler)} failed with exit status {result.returncode}; its output "
                              f"ends:\n{result.stderr[-4000:]}")
     built = output.read_bytes()
-    _write_atomically(library, lambda f: f.write(built))
-    _write_atomically(library.with_suffix(".sha256"), lambda f: f.write(hashlib.sha256(built).hexdigest().encode()))
+    _write_atomically(library, built, 0o755)
+    _write_atomically(library.with_suffix(".sha256"), _digest(built).encode(), 0o644)
   except subprocess.TimeoutExpired as e:
     raise KernelBuildError(f"{shlex.join(compiler)} did not finish within {_COMPILE_TIMEOUT_S} s") from e
   except OSError as e:
