@@ -135,7 +135,6 @@ class SubExpertMoE(nnx.Module):
       self.shared_expert = SwiGLU(d, config.shared_expert_intermediate_size, dtype=dtype, rngs=rngs)
       self.shared_expert_gate = nnx.Param(init(rngs.params(), (d, 1), dtype))
     self.num_experts, self.num_sub_experts, self.top_k = e, n, config.num_experts_per_tok
-    self.num_core_neurons = sub.num_core_neurons
     self.router_kind = sub.router if n > 1 else "compound"
     self.normalize = config.norm_topk_prob
     self.dispatch = dispatch

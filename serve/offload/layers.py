@@ -81,8 +81,7 @@ def resident_parts(config: ModelConfig, sub: SubExpertConfig, params: dict) -> R
   routing = None
   if config.moe_layer_indices:
     mlp = abstract.layers[config.moe_layer_indices[0]].mlp
-    routing = RoutingSpec(mlp.router_kind, mlp.num_experts, mlp.num_sub_experts, mlp.top_k, mlp.num_core_neurons,
-                          mlp.normalize)
+    routing = RoutingSpec(mlp.router_kind, mlp.num_experts, mlp.num_sub_experts, mlp.top_k, mlp.normalize)
   lm_head = None if config.tie_word_embeddings else _split(abstract.lm_head, params["lm_head"])
   return ResidentParts(_split(abstract.embed, params["embed"]), layers, _split(abstract.final_norm,
                        params["final_norm"]), lm_head, routing, config.rope, config.head_dim,

@@ -35,7 +35,6 @@ class RoutingSpec:
   num_experts: int
   num_sub_experts: int
   top_k: int
-  num_core_neurons: int
   normalize: bool
 
 
