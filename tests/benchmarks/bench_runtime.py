@@ -23,7 +23,7 @@ from prism_jax.model import PrismModel
 from prism_jax.native import native_available
 from prism_jax.subexperts import identity_partition
 from prism_jax.testing import random_params
-from tests.benchmarks.timing import interleaved_medians, median_seconds
+from tests.benchmarks.timing import interleaved_medians, median_seconds, min_seconds
 
 XLA_RAGGED_LIMIT_BYTES = 2 << 30  # XLA:CPU ragged_dot materializes [G, M, D]; skip it above this.
 
@@ -103,10 +103,6 @@ def budget_table(config, n, num_tokens, repeats):
     print(f"{f:8.2f} {int(f * full):6d} {layer_times[f] * 1e3:9.2f} {layer_times[f] / layer_times[1.0]:10.2f} "
           f"{f + 0.1:7.2f} {model_times[f] * 1e3:9.2f} {model_times[f] / model_times[1.0]:10.2f} "
           f"{1 - share + share * (f + 0.1):7.2f}")
-
-
-def min_seconds(fn, repeats):
-  return min(median_seconds(fn, repeats=1, warmup=0 if i else 1) for i in range(repeats))
 
 
 def bandwidth_bytes_per_second(repeats) -> tuple[float, float]:

@@ -9,16 +9,26 @@ from typing import Callable
 import jax
 
 
-def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
-  """Median wall time of `fn()` (results blocked on) after `warmup` untimed calls."""
+def _call_seconds(fn: Callable[[], object]) -> float:
+  start = time.perf_counter()
+  jax.block_until_ready(fn())
+  return time.perf_counter() - start
+
+
+def _seconds(fn: Callable[[], object], repeats: int, warmup: int) -> list[float]:
   for _ in range(warmup):
     jax.block_until_ready(fn())
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    jax.block_until_ready(fn())
-    times.append(time.perf_counter() - start)
-  return statistics.median(times)
+  return [_call_seconds(fn) for _ in range(repeats)]
+
+
+def median_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
+  """Median wall time of `fn()` (results blocked on) after `warmup` untimed calls."""
+  return statistics.median(_seconds(fn, repeats, warmup))
+
+
+def min_seconds(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> float:
+  """Fastest wall time of `fn()` after `warmup` untimed calls, for peak figures such as bandwidth."""
+  return min(_seconds(fn, repeats, warmup))
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 5) -> dict[str, float]:
@@ -33,7 +43,5 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], *, repeats: int = 
   times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
     for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
+      times[name].append(_call_seconds(fn))
   return {name: statistics.median(values) for name, values in times.items()}
