@@ -145,7 +145,8 @@ def test_build_is_cached(fresh_build, monkeypatch):
 def test_damaged_cached_library_is_rebuilt(fresh_build, monkeypatch, damage):
   library = build.load_kernels()
   good = library.read_bytes()
-  # Loading a truncated shared library can kill the process with SIGBUS: it must be caught before.
+  # Loading a truncated shared library can kill the process with SIGBUS, so the digest check must
+  # catch the damage before the library is loaded.
   library.write_bytes(b"not a shared library" if damage == "overwrite" else good[:len(good) // 2])
   forget_loads(monkeypatch)
   monkeypatch.setattr(build, "_registered", None)
